@@ -1,0 +1,1 @@
+"""Video architectures written by us, in PyTorch and Keras, width/depth configurable."""
