@@ -1,0 +1,644 @@
+"""Clips in: decode videos and frame folders, sample frames, preprocess for the model.
+
+Decisions (each one a place where a careful user could expect otherwise):
+
+* **Colour**: frames are RGB uint8 everywhere; ``Preprocess.channel_order="BGR"``
+  flips only the model tensor, never the display frames.
+* **Spatial**: with ``size=(H, W)`` each frame is scaled (aspect kept) so it covers
+  ``H x W`` -- or so its shorter side is ``short_side`` when that is given -- and
+  then centre-cropped to ``H x W``. ``size=None`` keeps the native size.
+* **Normalisation**: ``x * scale`` (``1/255`` by default, so ``[0, 1]``), then
+  ``(x - mean) / std`` per channel.
+* **Temporal**: ``uniform`` takes the centre frame of each of ``frames`` equal
+  segments (TSN style); ``strided`` takes ``frames`` frames ``stride`` apart,
+  centred in the video. A video too short for the clip is a ``ClipError`` unless
+  ``loop=True``, which wraps around to the first frame (``i % n_frames``).
+* **Windows**: windows start every ``stride`` frames from frame 0; when the last
+  window stops short of the final frame one more window, aligned to the end, is
+  added, so every frame lies in some window.
+* **.npy**: the array is the model input as is (batch axis optional, added when
+  missing). Display frames are the tensor min-max scaled to uint8 over the whole
+  clip (one range for all frames, so brightness stays comparable over time).
+* **Memory**: videos are decoded twice (count, then keep only sampled frames,
+  already resized), so a long video never sits whole in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from cfp_onnx.errors import ClipError, OptionError, OutputError
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset(
+    {
+        ".mp4",
+        ".m4v",
+        ".avi",
+        ".mov",
+        ".webm",
+        ".mkv",
+        ".mpg",
+        ".mpeg",
+        ".wmv",
+        ".flv",
+        ".3gp",
+        ".ogv",
+        ".gif",
+    }
+)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+TENSOR_EXTENSIONS = frozenset({".npy"})
+LAYOUTS = ("NCDHW", "NDHWC")
+SAMPLINGS = ("uniform", "strided")
+
+Layout = Literal["NCDHW", "NDHWC"]
+Sampling = Literal["uniform", "strided"]
+FrameTransform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class Preprocess:
+    """How the model wants its clip: length, size, normalisation and layout.
+
+    Attributes:
+        frames: clip length T the model takes.
+        size: ``(H, W)`` after resize + centre crop, or None to keep the native size.
+        mean: per-channel mean, in units after ``scale`` (one value broadcasts).
+        std: per-channel std, same units as ``mean``.
+        layout: ``NCDHW`` (PyTorch) or ``NDHWC`` (TensorFlow/Keras).
+        scale: factor applied to uint8 values first (``1/255`` gives ``[0, 1]``).
+        short_side: resize the shorter side to this before cropping (e.g. 128 for
+            a 112 crop); None scales just enough to cover ``size``.
+        stride: frame step for ``strided`` sampling.
+        channel_order: ``RGB`` or ``BGR`` channel order of the model tensor.
+    """
+
+    frames: int = 16
+    size: tuple[int, int] | None = (112, 112)
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    layout: Layout = "NCDHW"
+    scale: float = 1.0 / 255.0
+    short_side: int | None = None
+    stride: int = 1
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.stride < 1:
+            raise OptionError(f"frames={self.frames} and stride={self.stride} must both be >= 1")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise OptionError(f"size={self.size} must be (height, width) with both >= 1, or None")
+        if self.short_side is not None and (self.size is None or self.short_side < max(self.size)):
+            raise OptionError(
+                f"short_side={self.short_side} needs a size it can cover (size={self.size})"
+            )
+        if len(self.mean) not in (1, 3) or len(self.std) not in (1, 3):
+            raise OptionError(f"mean {self.mean} and std {self.std} need 1 or 3 values (RGB)")
+        if any(s == 0 for s in self.std):
+            raise OptionError(f"std {self.std} has a zero; it divides the clip")
+        if self.layout not in LAYOUTS:
+            raise OptionError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise OptionError(f"channel_order {self.channel_order!r} is not RGB or BGR")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Clip:
+    """One model input and the frames to show it on.
+
+    Attributes:
+        tensor: float32 model input with batch axis 1, in ``Preprocess.layout``.
+        frames: uint8 RGB ``[T, H, W, 3]`` after sampling and resize/crop, before
+            normalisation: what saliency tubes are blended on.
+        indices: source frame index of each of the T frames (int64).
+        source: the path the clip came from.
+        fps: the source video's frame rate, when it has one.
+    """
+
+    tensor: np.ndarray
+    frames: np.ndarray
+    indices: np.ndarray
+    source: Path
+    fps: float | None = None
+
+
+# ----------------------------------------------------------------- sampling
+
+
+def sample_indices(
+    n_frames: int,
+    clip_len: int,
+    mode: Sampling = "uniform",
+    stride: int = 1,
+    *,
+    loop: bool = False,
+) -> np.ndarray:
+    """Frame indices for one clip of ``clip_len`` frames out of ``n_frames``.
+
+    Returns:
+        int64 array of length ``clip_len``.
+
+    Raises:
+        ClipError: the video is shorter than the clip needs and ``loop`` is False.
+        OptionError: unknown mode, or a length/stride below 1.
+    """
+    if clip_len < 1 or stride < 1:
+        raise OptionError(f"clip length {clip_len} and stride {stride} must both be >= 1")
+    if mode not in SAMPLINGS:
+        raise OptionError(f"sampling {mode!r} is not one of {', '.join(SAMPLINGS)}")
+    step = stride if mode == "strided" else 1
+    span = (clip_len - 1) * step + 1
+    if n_frames < span:
+        return _looped(n_frames, clip_len, step, loop=loop)
+    if mode == "uniform":
+        return ((np.arange(clip_len) + 0.5) * n_frames / clip_len).astype(np.int64)
+    start = (n_frames - span) // 2
+    return start + np.arange(clip_len, dtype=np.int64) * step
+
+
+def _looped(n_frames: int, clip_len: int, step: int, *, loop: bool) -> np.ndarray:
+    """Wrap-around indices for a video shorter than the clip, if the user allowed it."""
+    need = (clip_len - 1) * step + 1
+    if n_frames < 1:
+        raise ClipError("video has no frames; pass a video or folder with at least one frame")
+    if not loop:
+        raise ClipError(
+            f"video has {n_frames} frames; the model needs {need} "
+            f"({clip_len} frames, stride {step}): use a longer video, a smaller stride, "
+            "or loop=True (--loop) to repeat it from the start"
+        )
+    log.info("looping a %d-frame video to fill %d frames", n_frames, need)
+    return (np.arange(clip_len, dtype=np.int64) * step) % n_frames
+
+
+def sliding_windows(
+    n_frames: int, clip_len: int, window_stride: int, *, loop: bool = False
+) -> list[np.ndarray]:
+    """Index arrays of consecutive ``clip_len``-frame windows covering the whole video.
+
+    Windows start at 0, ``window_stride``, ...; if the last one ends before the final
+    frame, a window aligned to the end is appended so no frame is left out.
+
+    Raises:
+        ClipError: the video is shorter than one window and ``loop`` is False.
+        OptionError: a length or stride below 1.
+    """
+    if clip_len < 1 or window_stride < 1:
+        raise OptionError(f"window {clip_len} and stride {window_stride} must both be >= 1")
+    if n_frames < clip_len:
+        return [_looped(n_frames, clip_len, 1, loop=loop)]
+    starts = list(range(0, n_frames - clip_len + 1, window_stride))
+    if starts[-1] + clip_len < n_frames:
+        starts.append(n_frames - clip_len)
+    return [np.arange(s, s + clip_len, dtype=np.int64) for s in starts]
+
+
+# ----------------------------------------------------------------- sources
+
+
+def natural_key(name: str) -> tuple[object, ...]:
+    """Sort key putting ``frame2`` before ``frame10`` (digit runs compare as numbers)."""
+    parts = re.split(r"(\d+)", name.lower())
+    return (*(int(p) if p.isdigit() else p for p in parts), name)
+
+
+def _check_path(path: Path) -> None:
+    """Raise a ClipError that says why ``path`` cannot be opened, if it cannot."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ClipError(f"{path}: symbolic link loop; point the link at a real file") from None
+        if os.path.islink(path):
+            raise ClipError(
+                f"{path}: broken symbolic link to {os.readlink(path)}; fix or remove it"
+            ) from None
+        if exc.errno == errno.ENOENT:
+            raise ClipError(f"{path}: no such file or folder; check the path") from None
+        raise ClipError(f"{path}: cannot open ({exc.strerror}); check permissions") from None
+    if not os.access(path, os.R_OK):
+        raise ClipError(f"{path}: not readable (permission denied); check permissions")
+
+
+class _Source:
+    """Frames on disk that can be counted, then read by index, one at a time."""
+
+    path: Path
+    fps: float | None = None
+
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def read(self, indices: np.ndarray, transform: FrameTransform | None = None) -> np.ndarray:
+        """Read the frames at ``indices`` (any order, repeats allowed) as RGB uint8."""
+        raise NotImplementedError
+
+
+class _FolderSource(_Source):
+    """A folder of image files, one frame each, in natural sort order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            entries = list(os.scandir(path))
+        except OSError as exc:
+            raise ClipError(
+                f"{path}: cannot list folder ({exc.strerror}); check permissions"
+            ) from None
+        names = [e.name for e in entries if _is_image_name(e.name)]
+        if not names:
+            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise ClipError(
+                f"{path}: folder has no frame images ({exts}); pass a video or a folder of frames"
+            )
+        self.files = [path / n for n in sorted(names, key=natural_key)]
+
+    def count(self) -> int:
+        return len(self.files)
+
+    def read(self, indices: np.ndarray, transform: FrameTransform | None = None) -> np.ndarray:
+        cache: dict[int, np.ndarray] = {}
+        shape: tuple[int, ...] | None = None
+        for i in dict.fromkeys(int(i) for i in indices):
+            image = _read_image(self.files[i])
+            if shape is not None and image.shape != shape:
+                raise ClipError(
+                    f"{self.files[i]}: size {image.shape[1]}x{image.shape[0]} differs from the "
+                    f"first frame's {shape[1]}x{shape[0]}; all frames must be the same size"
+                )
+            shape = image.shape
+            cache[i] = transform(image) if transform else image
+        return np.stack([cache[int(i)] for i in indices])
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """Decode one image file to RGB uint8, or say which file is bad."""
+    _check_path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise ClipError(f"{path}: cannot read image ({exc.strerror}); check permissions") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ClipError(f"{path}: not a readable image; replace or remove the file")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class _VideoSource(_Source):
+    """A video file decoded with OpenCV (FFmpeg backend)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with _capture(path) as cap:
+            fps = float(cap.get(cv2.CAP_PROP_FPS))
+            self.fps = fps if fps > 0 else None
+            self._reported = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        self._count: int | None = None
+
+    def count(self) -> int:
+        if self._count is None:
+            with _capture(self.path) as cap:
+                n = 0
+                while cap.grab():
+                    n += 1
+            if n == 0:
+                raise ClipError(
+                    f"{self.path}: video decodes to zero frames; re-encode it or check it is complete"
+                )
+            if self._reported > 0 and n < self._reported:
+                log.warning(
+                    "%s: header says %d frames, only %d decode", self.path, self._reported, n
+                )
+            self._count = n
+        return self._count
+
+    def read(self, indices: np.ndarray, transform: FrameTransform | None = None) -> np.ndarray:
+        wanted = set(int(i) for i in indices)
+        got: dict[int, np.ndarray] = {}
+        with _capture(self.path) as cap:
+            for i, bgr in enumerate(_decode(cap, max(wanted) + 1)):
+                if i in wanted:
+                    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                    got[i] = transform(rgb) if transform else rgb
+        if len(got) < len(wanted):
+            raise ClipError(
+                f"{self.path}: frame {max(wanted - set(got))} did not decode; the video may be corrupt"
+            )
+        return np.stack([got[int(i)] for i in indices])
+
+
+class _capture:
+    """``cv2.VideoCapture`` as a context manager that raises ClipError if it cannot open."""
+
+    def __init__(self, path: Path) -> None:
+        self.cap = cv2.VideoCapture(str(path))
+        if not self.cap.isOpened():
+            self.cap.release()
+            raise ClipError(
+                f"{path}: cannot decode as video (corrupt, or not a video despite its "
+                "extension); re-encode it (ffmpeg -i in -c:v libx264 out.mp4) or pass a folder of frames"
+            )
+
+    def __enter__(self) -> cv2.VideoCapture:
+        return self.cap
+
+    def __exit__(self, *exc: object) -> None:
+        self.cap.release()
+
+
+def _decode(cap: cv2.VideoCapture, limit: int) -> Iterator[np.ndarray]:
+    """Yield BGR frames until ``limit`` frames or the end of the stream."""
+    for _ in range(limit):
+        ok, frame = cap.read()
+        if not ok or frame is None:
+            return
+        yield frame
+
+
+def _open_source(path: str | os.PathLike[str]) -> _Source:
+    """Pick the reader for ``path``: a folder of frames, or a video file."""
+    p = Path(path)
+    _check_path(p)
+    if p.is_dir():
+        return _FolderSource(p)
+    ext = p.suffix.lower()
+    if ext in VIDEO_EXTENSIONS:
+        return _VideoSource(p)
+    if ext in IMAGE_EXTENSIONS:
+        raise ClipError(
+            f"{p}: is a single image; put the clip's frames in a folder and pass the folder"
+        )
+    if ext in TENSOR_EXTENSIONS:
+        raise ClipError(f"{p}: a .npy tensor has no decodable frames; load it with load_clip")
+    exts = ", ".join(sorted(VIDEO_EXTENSIONS))
+    raise ClipError(
+        f"{p}: unknown clip type {ext or '(no extension)'!r}; pass a video ({exts}), a frame folder or a .npy"
+    )
+
+
+def read_frames(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode every frame of a video file or a folder of frames.
+
+    Returns:
+        uint8 RGB array ``[T, H, W, 3]``.
+
+    Raises:
+        ClipError: missing/unreadable path, undecodable video, no frames, bad image.
+    """
+    source = _open_source(path)
+    return source.read(np.arange(source.count()))
+
+
+# ----------------------------------------------------------------- preprocessing
+
+
+def resize_crop(
+    frame: np.ndarray, size: tuple[int, int] | None, short_side: int | None = None
+) -> np.ndarray:
+    """Scale ``frame`` (aspect kept) to cover ``size`` (or to ``short_side``), then centre-crop."""
+    if size is None:
+        return frame
+    h, w = frame.shape[:2]
+    th, tw = size
+    factor = short_side / min(h, w) if short_side else max(th / h, tw / w)
+    nh, nw = max(th, round(h * factor)), max(tw, round(w * factor))
+    if (nh, nw) != (h, w):
+        interp = cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR
+        frame = cv2.resize(frame, (nw, nh), interpolation=interp)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return np.ascontiguousarray(frame[top : top + th, left : left + tw])
+
+
+def to_tensor(frames: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+    """Normalise uint8 RGB ``[T, H, W, 3]`` frames into the model's float32 input (batch 1)."""
+    x = frames.astype(np.float32) * np.float32(preprocess.scale)
+    if preprocess.channel_order == "BGR":
+        x = x[..., ::-1]
+    mean = np.asarray(preprocess.mean, dtype=np.float32)
+    std = np.asarray(preprocess.std, dtype=np.float32)
+    x = (x - mean) / std
+    if preprocess.layout == "NCDHW":
+        x = x.transpose(3, 0, 1, 2)
+    return np.ascontiguousarray(x[None], dtype=np.float32)
+
+
+def _spatial(preprocess: Preprocess) -> FrameTransform:
+    return lambda frame: resize_crop(frame, preprocess.size, preprocess.short_side)
+
+
+# ----------------------------------------------------------------- .npy tensors
+
+
+def _load_tensor(path: Path, preprocess: Preprocess) -> Clip:
+    """Load a preprocessed ``.npy`` clip and derive display frames from it."""
+    x = _read_npy(path)
+    _check_tensor(x, path)
+    if x.ndim == 4:
+        x = x[None]
+    if x.shape[0] != 1:
+        raise ClipError(
+            f"{path}: has batch {x.shape[0]} in shape {x.shape}; one clip per file (use cfp batch for more)"
+        )
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    frames = tensor_to_frames(x[0], preprocess.layout, preprocess.channel_order)
+    return Clip(
+        tensor=x, frames=frames, indices=np.arange(frames.shape[0], dtype=np.int64), source=path
+    )
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.asarray(np.load(path, allow_pickle=False))
+    except ValueError as exc:
+        raise ClipError(
+            f"{path}: not a plain numeric .npy ({exc}); save it with np.save(arr)"
+        ) from None
+    except OSError as exc:
+        raise ClipError(f"{path}: cannot read .npy ({exc}); check the file is complete") from None
+
+
+def _check_tensor(x: np.ndarray, path: Path) -> None:
+    """Reject arrays no model could take: wrong rank, empty, non-numeric, NaN/Inf."""
+    if x.ndim not in (4, 5):
+        raise ClipError(
+            f"{path}: array has shape {x.shape} (rank {x.ndim}); a clip is rank 5 "
+            "(1, C, T, H, W) / (1, T, H, W, C), or rank 4 without the batch axis"
+        )
+    if x.size == 0:
+        raise ClipError(
+            f"{path}: array has shape {x.shape} with a zero-size axis; it holds no data"
+        )
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ClipError(f"{path}: array dtype {x.dtype} is not numeric; save a float32 array")
+    if not np.isfinite(x).all():
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise ClipError(f"{path}: array has {bad} NaN/Inf values; a clip must be finite")
+
+
+def tensor_to_frames(
+    x: np.ndarray, layout: Layout = "NCDHW", channel_order: str = "RGB"
+) -> np.ndarray:
+    """Display frames for an already-normalised clip ``x`` (no batch axis).
+
+    The tensor is min-max scaled to ``0..255`` over the whole clip (a constant clip
+    gives black). One channel is shown grey; 3 channels as colour (BGR flipped to
+    RGB); any other count as the grey mean of its channels.
+
+    Returns:
+        uint8 RGB ``[T, H, W, 3]``.
+    """
+    thwc = np.moveaxis(x, 0, -1) if layout == "NCDHW" else x
+    thwc = thwc.astype(np.float32)
+    lo, hi = float(thwc.min()), float(thwc.max())
+    scaled = (thwc - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(thwc)
+    channels = scaled.shape[-1]
+    if channels == 3:
+        rgb = scaled[..., ::-1] if channel_order == "BGR" else scaled
+    else:
+        grey = scaled if channels == 1 else scaled.mean(axis=-1, keepdims=True)
+        rgb = np.repeat(grey, 3, axis=-1)
+    return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------- clips
+
+
+def load_clip(
+    path: str | os.PathLike[str],
+    preprocess: Preprocess,
+    *,
+    sampling: Sampling = "uniform",
+    loop: bool = False,
+) -> Clip:
+    """Load one model-ready clip from a video, a frame folder or a ``.npy`` tensor.
+
+    Raises:
+        ClipError: the input is unreadable, too short (without ``loop``), or a bad tensor.
+    """
+    p = Path(path)
+    if p.suffix.lower() in TENSOR_EXTENSIONS and not p.is_dir():
+        _check_path(p)
+        return _load_tensor(p, preprocess)
+    source = _open_source(p)
+    indices = sample_indices(
+        source.count(), preprocess.frames, sampling, preprocess.stride, loop=loop
+    )
+    return _make_clip(source, indices, source.read(indices, _spatial(preprocess)), preprocess)
+
+
+def load_windows(
+    path: str | os.PathLike[str],
+    preprocess: Preprocess,
+    window: int | None = None,
+    stride: int | None = None,
+    *,
+    loop: bool = False,
+) -> list[Clip]:
+    """Clips for sliding windows over a whole video, for per-window explanations.
+
+    Args:
+        window: window length in source frames (default ``preprocess.frames``); a
+            longer window is sampled uniformly down to ``preprocess.frames``.
+        stride: frames between window starts (default ``window``: no overlap).
+
+    Raises:
+        ClipError: unreadable input, a ``.npy`` (already one clip), or a video
+            shorter than one window without ``loop``.
+        OptionError: ``window`` shorter than ``preprocess.frames``.
+    """
+    p = Path(path)
+    if p.suffix.lower() in TENSOR_EXTENSIONS:
+        raise ClipError(
+            f"{p}: a .npy is one preprocessed clip; use load_clip, or pass the video for windows"
+        )
+    window = window or preprocess.frames
+    if window < preprocess.frames:
+        raise OptionError(f"window {window} is shorter than the model's {preprocess.frames} frames")
+    source = _open_source(p)
+    spans = sliding_windows(source.count(), window, stride or window, loop=loop)
+    picks = [span[sample_indices(window, preprocess.frames)] for span in spans]
+    needed = np.unique(np.concatenate(picks))
+    decoded = source.read(needed, _spatial(preprocess))
+    row = {int(i): k for k, i in enumerate(needed)}
+    return [
+        _make_clip(source, idx, decoded[[row[int(i)] for i in idx]], preprocess) for idx in picks
+    ]
+
+
+def _make_clip(
+    source: _Source, indices: np.ndarray, frames: np.ndarray, preprocess: Preprocess
+) -> Clip:
+    return Clip(
+        tensor=to_tensor(frames, preprocess),
+        frames=frames,
+        indices=np.asarray(indices, dtype=np.int64),
+        source=source.path,
+        fps=source.fps,
+    )
+
+
+# ----------------------------------------------------------------- writing
+
+
+def write_video(
+    path: str | os.PathLike[str], frames: np.ndarray | Sequence[np.ndarray], fps: float = 8
+) -> Path:
+    """Encode uint8 RGB frames ``[T, H, W, 3]`` to a video (mp4v; MJPG for .avi).
+
+    Written to a temporary file in the same folder and renamed, so the video
+    appears whole or not at all.
+
+    Raises:
+        ClipError: frames that are not uint8 ``[T, H, W, 3]`` or are empty.
+        OutputError: OpenCV cannot open a writer for ``path``.
+    """
+    arr = np.asarray(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8 or arr.shape[0] == 0:
+        raise ClipError(
+            f"write_video needs non-empty uint8 frames [T, H, W, 3]; got {arr.dtype} {arr.shape}"
+        )
+    out = Path(path)
+    fourcc = cv2.VideoWriter.fourcc(*("MJPG" if out.suffix.lower() == ".avi" else "mp4v"))
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=out.suffix, prefix=f".{out.stem}.", dir=out.parent)
+    except OSError as exc:
+        raise OutputError(
+            f"{out}: cannot write here ({exc.strerror}); check the folder exists and is writable"
+        ) from None
+    os.close(fd)
+    try:
+        _encode(Path(tmp), arr, fourcc, fps)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _encode(path: Path, frames: np.ndarray, fourcc: int, fps: float) -> None:
+    height, width = frames.shape[1:3]
+    writer = cv2.VideoWriter(str(path), fourcc, float(fps), (width, height))
+    if not writer.isOpened():
+        raise OutputError(f"{path}: OpenCV cannot write this video; use a .mp4 or .avi path")
+    try:
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
