@@ -84,8 +84,8 @@ class _Shape:
 
     @property
     def reach(self) -> float:
-        """Furthest any point gets from the centre (at scale 1, any angle), plus a pixel."""
-        return self.radius * float(np.hypot(*self.outline.T).max()) + 1.0
+        """Furthest any point gets from the centre (scale 1, any angle), plus two pixels of air."""
+        return self.radius * float(np.hypot(*self.outline.T).max()) + 2.0
 
 
 # ----------------------------------------------------------------- appearance

@@ -1,0 +1,325 @@
+"""The Python API: ``Explainer`` (analyse a model once, explain many clips) and ``explain``.
+
+model -> graph -> instrumented run -> relevance -> pyramid. The CLI is a thin layer
+over this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from cfp_onnx import graph as graph_mod
+from cfp_onnx.errors import ClipError, OptionError
+from cfp_onnx.loading import analysis_proto, graph_input, load_model, resolve_input_shape
+from cfp_onnx.provenance import Csr, Provenance, trace
+from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
+from cfp_onnx.relevance import HEAD_MODES, tap_means
+from cfp_onnx.runtime import Session
+from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
+from cfp_onnx.xp import array_module
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one instrumented forward returned, on the host."""
+
+    logits: np.ndarray  # [classes]
+    features: np.ndarray  # [F] float64, pooled head input
+    pooled: dict[str, np.ndarray]  # layer input tensor -> [C_in] float64
+    full: dict[str, np.ndarray]  # tensor -> full map (batch axis dropped)
+
+
+def check_options(*, depth: int, theta: float, top_n: int | None, head_mode: str) -> None:
+    """Raises OptionError for values outside the method's range."""
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+        raise OptionError(f"depth must be an integer >= 1 (got {depth!r}); depth=3 is the paper's")
+    if not isinstance(theta, (int, float, np.floating)) or math.isnan(theta) or not 0 <= theta <= 1:
+        raise OptionError(f"theta must be a number in [0, 1] (got {theta!r}); the paper uses 0.6")
+    if top_n is not None and (
+        isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1
+    ):
+        raise OptionError(f"top-n must be an integer >= 1 or omitted (got {top_n!r})")
+    if head_mode not in HEAD_MODES:
+        raise OptionError(f"head mode {head_mode!r} unknown; choose one of {', '.join(HEAD_MODES)}")
+
+
+class Explainer:
+    """A model analysed once for one clip shape; `explain` then costs one forward + array ops."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        clip_shape: tuple[int, ...] | None = None,
+        output: str | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> None:
+        self.xp = array_module(device)
+        self.device = device
+        self.threads = threads
+        self.loaded = load_model(model)
+        self.input_shape = resolve_input_shape(self.loaded.proto, clip_shape)
+        proto = analysis_proto(self.loaded, self.input_shape)
+        self.graph = graph_mod.parse(proto)
+        self.head = graph_mod.find_head(self.graph, output)
+        self.layers = graph_mod.find_layers(self.graph, self.head)
+        self.layer_index = {layer.node: i for i, layer in enumerate(self.layers)}
+        self.provenance: Provenance = trace(self.graph, self.layers, self.head)
+        self._csr: dict[int, Csr] = {}
+        self._steps: dict[int, LayerStep] = {}
+        self._sessions: dict[tuple[str, ...], Session] = {}
+        self.input_dtype = onnx.helper.tensor_dtype_to_np_dtype(
+            graph_input(self.loaded.proto).type.tensor_type.elem_type
+        )
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def classes(self) -> int:
+        return int(self.head.weight.shape[0])
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @cached_property
+    def head_csr(self) -> Csr:
+        f = int(self.head.weight.shape[1])
+        shape = self.graph.shape(self.head.input)
+        if shape[self.head.feature_axis] != f:
+            raise OptionError(
+                f"classifier {self.head.node!r} reads {shape[self.head.feature_axis]} features "
+                f"but its weight has {f}"
+            )
+        return self.provenance.rows_along(
+            self.head.input, self.head.feature_axis, f, what=f"the classifier {self.head.node!r}"
+        )
+
+    def input_csr(self, layer: int) -> Csr:
+        """Provenance of each input channel of a layer (raises for an op with no rule)."""
+        if layer not in self._csr:
+            lay = self.layers[layer]
+            self._csr[layer] = self.provenance.rows_along(
+                lay.input, 1, lay.c_in, what=f"the input of conv {lay.node!r}"
+            )
+        return self._csr[layer]
+
+    def levels(self, depth: int) -> list[np.ndarray]:
+        """Layers each depth can reach, structurally (before any clip is seen)."""
+        offsets = self.provenance.offsets
+        level = self.head_csr.layers_reached(offsets)
+        out = [level]
+        for _ in range(depth - 1):
+            nxt = [self.input_csr(int(i)).layers_reached(offsets) for i in level]
+            level = np.unique(np.concatenate(nxt)) if nxt else np.zeros(0, dtype=np.int64)
+            out.append(level)
+        return out
+
+    def expanded_layers(self, depth: int) -> np.ndarray:
+        """Layers whose kernels a pyramid of `depth` may expand (levels 0..depth-2)."""
+        levels = self.levels(depth)[: depth - 1]
+        return np.unique(np.concatenate(levels)) if levels else np.zeros(0, dtype=np.int64)
+
+    # ------------------------------------------------------------------ running
+
+    def taps(self, depth: int, full: tuple[str, ...] = ()) -> list[Tap]:
+        head_rank = len(self.graph.shape(self.head.input))
+        head_axes = tuple(a for a in range(head_rank) if a != self.head.feature_axis)
+        taps = [
+            Tap(self.head.logits, self.head.logits),
+            Tap(self.head.input, pooled_name(self.head.input), head_axes),
+        ]
+        for i in self.expanded_layers(depth).tolist():
+            t = self.layers[i].input
+            rank = len(self.graph.shape(t))
+            taps.append(Tap(t, pooled_name(t), (0, *range(2, rank))))
+        taps += [Tap(t, full_name(t)) for t in full]
+        return taps
+
+    def session(self, taps: list[Tap]) -> Session:
+        key = tuple(sorted(t.name for t in taps))
+        if key not in self._sessions:
+            proto = instrument(self.loaded.proto, taps)
+            self._sessions[key] = Session(
+                proto, self.loaded.external, device=self.device, threads=self.threads
+            )
+        return self._sessions[key]
+
+    def prepare_clip(self, clip: Any) -> np.ndarray:
+        """The clip as the model's input: batch axis added, dtype matched, values checked."""
+        arr = load_array(clip) if not isinstance(clip, np.ndarray) else clip
+        if arr.size == 0:
+            raise ClipError(f"clip is empty (shape {arr.shape})")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise ClipError(f"clip has dtype {arr.dtype}; expected numbers (float32)")
+        shape = resolve_input_shape(self.loaded.proto, tuple(int(s) for s in arr.shape))
+        if shape != self.input_shape:
+            raise ClipError(
+                f"clip has shape {shape}; this Explainer was built for {self.input_shape}"
+            )
+        arr = arr.reshape(shape).astype(self.input_dtype, copy=False)
+        if not np.all(np.isfinite(arr)):
+            raise ClipError("clip holds NaN or Inf values; preprocess it to finite numbers")
+        return arr
+
+    def run(self, clip: Any, *, depth: int = 3, full: tuple[str, ...] = ()) -> Run:
+        """One instrumented forward: logits, pooled head input and conv inputs, any full maps."""
+        arr = self.prepare_clip(clip)
+        taps = self.taps(depth, full)
+        out = self.session(taps).run(arr, [t.name for t in taps])
+        logits = np.asarray(out[self.head.logits], dtype=np.float64).reshape(-1)
+        if logits.size != self.classes:
+            raise OptionError(
+                f"logits tensor {self.head.logits!r} has {logits.size} values for {self.classes} classes"
+            )
+        pooled = {t.tensor: out[t.name].reshape(-1) for t in taps[2:] if t.pool_axes is not None}
+        full_maps = {t.tensor: out[t.name][0] for t in taps if t.name.startswith("cfp_full::")}
+        features = out[pooled_name(self.head.input)].reshape(-1)
+        return Run(logits, features, pooled, full_maps)
+
+    # ------------------------------------------------------------------ explaining
+
+    def explain(
+        self,
+        clip: Any,
+        *,
+        label: int | None = None,
+        depth: int = 3,
+        theta: float = 0.6,
+        top_n: int | None = None,
+        head_mode: str = "weights",
+        class_names: tuple[str, ...] | None = None,
+    ) -> Pyramid:
+        """The class feature pyramid of `clip` for `label` (default: the predicted class)."""
+        check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
+        if head_mode == "contrastive" and self.classes < 2:
+            raise OptionError("head mode 'contrastive' needs at least two classes")
+        run = self.run(clip, depth=depth)
+        return self.pyramid(
+            run, label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode,
+            class_names=class_names,
+        )  # fmt: skip
+
+    def pyramid(
+        self,
+        run: Run,
+        *,
+        label: int | None = None,
+        depth: int = 3,
+        theta: float = 0.6,
+        top_n: int | None = None,
+        head_mode: str = "weights",
+        class_names: tuple[str, ...] | None = None,
+    ) -> Pyramid:
+        """Build the pyramid from an existing run (no second forward)."""
+        check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
+        label = self.check_label(label, run.logits)
+        cols = build(
+            self.xp,
+            self._inputs(run),
+            label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode,
+        )  # fmt: skip
+        kids = cols.pop("kernels")
+        offsets = self.provenance.offsets
+        layer = np.searchsorted(offsets, kids, side="right") - 1
+        depths = cols["node_depth"]
+        return Pyramid(
+            model=self.model_name,
+            label=label,
+            label_name=class_names[label] if class_names else None,
+            score=float(run.logits[label]),
+            logits=run.logits,
+            theta=float(theta),
+            depth=int(depth),
+            max_depth_reached=int(depths.max()) if len(depths) else -1,
+            head_mode=head_mode,
+            top_n=top_n,
+            layers=tuple(lay.node for lay in self.layers),
+            node_layer=layer,
+            node_channel=kids - offsets[layer],
+            **cols,
+        )
+
+    def check_label(self, label: int | None, logits: np.ndarray) -> int:
+        if label is None:
+            return int(np.argmax(logits))
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise OptionError(f"label must be an integer class index (got {label!r})")
+        if not 0 <= label < self.classes:
+            raise OptionError(
+                f"label {label} is out of range: the model has {self.classes} classes (0..{self.classes - 1})"
+            )
+        return int(label)
+
+    def _inputs(self, run: Run) -> PyramidInputs:
+        xp = self.xp
+        csr = self.head_csr
+        return PyramidInputs(
+            offsets=self.provenance.offsets,
+            head_weight=xp.asarray(self.head.weight),
+            head_indptr=xp.asarray(csr.indptr),
+            head_kernels=xp.asarray(csr.kernels),
+            features=xp.asarray(run.features, dtype=xp.float64),
+            steps=self.step,
+            pooled=lambda i: xp.asarray(run.pooled[self.layers[i].input], dtype=xp.float64),
+        )
+
+    def step(self, layer: int) -> LayerStep:
+        """Back-step data of a layer, computed once per Explainer."""
+        if layer not in self._steps:
+            lay, csr, xp = self.layers[layer], self.input_csr(layer), self.xp
+            self._steps[layer] = LayerStep(
+                tap_means(xp, lay.weight),
+                lay.group,
+                xp.asarray(csr.indptr),
+                xp.asarray(csr.kernels),
+            )
+        return self._steps[layer]
+
+
+def load_array(clip: Any) -> np.ndarray:
+    """A clip given as a path to a ``.npy`` file (video files: see cfp_onnx.video)."""
+    path = Path(clip)
+    if path.suffix.lower() != ".npy":
+        raise ClipError(f"clip {str(path)!r}: expected a .npy array or a video file")
+    if not path.is_file():
+        raise ClipError(f"clip {str(path)!r} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ClipError(
+            f"clip {path.name} is not a readable .npy array ({type(exc).__name__})"
+        ) from None
+
+
+def explain(
+    model: str | os.PathLike[str],
+    clip: Any,
+    *,
+    label: int | None = None,
+    depth: int = 3,
+    theta: float = 0.6,
+    top_n: int | None = None,
+    head_mode: str = "weights",
+    output: str | None = None,
+    device: str = "cpu",
+) -> Pyramid:
+    """Explain one clip: ``cfp_onnx.explain("model.onnx", clip_array)``."""
+    check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
+    arr = clip if isinstance(clip, np.ndarray) else load_array(clip)
+    explainer = Explainer(model, clip_shape=tuple(arr.shape), output=output, device=device)
+    return explainer.explain(
+        arr, label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode
+    )

@@ -1,0 +1,347 @@
+"""A small read-only model of an ONNX graph: nodes, shapes, constants, layers, head.
+
+Built once from the analysis proto (static, folded); everything downstream reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from cfp_onnx.errors import ModelError
+from cfp_onnx.ops import CONV, DENSE, HEAD_TRANSPARENT, POST_LOGITS, SOFTMAX
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    index: int
+    name: str
+    op_type: str
+    domain: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Nodes in topological order, with producer/consumer indexes built once."""
+
+    nodes: tuple[Node, ...]
+    shapes: Mapping[str, tuple[int, ...]]
+    constants: Mapping[str, np.ndarray]
+    input_name: str
+    output_names: tuple[str, ...]
+    opset: int
+    producer: Mapping[str, int] = field(init=False)
+    consumers: Mapping[str, tuple[int, ...]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        prod: dict[str, int] = {}
+        cons: dict[str, list[int]] = {}
+        for n in self.nodes:
+            for o in n.outputs:
+                prod[o] = n.index
+            for i in n.inputs:
+                cons.setdefault(i, []).append(n.index)
+        object.__setattr__(self, "producer", MappingProxyType(prod))
+        object.__setattr__(
+            self, "consumers", MappingProxyType({k: tuple(v) for k, v in cons.items()})
+        )
+
+    def producer_of(self, tensor: str) -> Node | None:
+        i = self.producer.get(tensor)
+        return None if i is None else self.nodes[i]
+
+    def is_const(self, tensor: str) -> bool:
+        return tensor in self.constants
+
+    def const(self, tensor: str) -> np.ndarray:
+        return self.constants[tensor]
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        if tensor not in self.shapes:
+            raise ModelError(f"the shape of tensor {tensor!r} could not be inferred")
+        return self.shapes[tensor]
+
+
+def parse(proto: onnx.ModelProto) -> Graph:
+    """Build the Graph of a static, folded proto (see loading.analysis_proto)."""
+    g = proto.graph
+    constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    nodes: list[Node] = []
+    for n in _toposort(g):
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            constants[n.output[0]] = _constant_value(n)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        nodes.append(
+            Node(len(nodes), n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output), attrs)
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+    for k, v in constants.items():
+        shapes[k] = tuple(v.shape)
+    inits = {t.name for t in g.initializer}
+    inputs = [i.name for i in g.input if i.name not in inits]
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return Graph(tuple(nodes), shapes, constants, inputs[0], tuple(o.name for o in g.output), opset)
+
+
+def _constant_value(n: onnx.NodeProto) -> np.ndarray:
+    a = n.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    return np.asarray(onnx.helper.get_attribute_value(a))
+
+
+def _toposort(g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Kahn's order, stable w.r.t. the file; a cycle is a malformed model."""
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    produced_by: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            produced_by[o] = i
+    deps = [
+        {produced_by[x] for x in n.input if x not in known and x in produced_by} for n in g.node
+    ]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    missing = [x for n in g.node for x in n.input if x not in known and x not in produced_by]
+    if missing:
+        raise ModelError(f"tensor {missing[0]!r} is read by a node but nothing produces it")
+    pending = [len(d) for d in deps]
+    ready = [i for i, p in enumerate(pending) if p == 0]
+    order: list[int] = []
+    import heapq
+
+    heapq.heapify(ready)
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, ()):
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(g.node):
+        stuck = next(g.node[i].name for i, p in enumerate(pending) if p > 0)
+        raise ModelError(
+            f"the graph has a cycle (through node {stuck!r}); ONNX graphs must be acyclic"
+        )
+    return [g.node[i] for i in order]
+
+
+# --------------------------------------------------------------------------- head
+
+
+@dataclass(frozen=True)
+class Head:
+    """The classifier: its weight as ``W[classes, F]`` and where its features come from."""
+
+    node: str  # the classifier node (the last dense or logits conv)
+    nodes: tuple[str, ...]  # every dense node folded into W (fc6..fc8), head first
+    weight: np.ndarray  # float64 [classes, F]
+    input: str  # tensor holding the features
+    feature_axis: int  # axis of `input` along which features run
+    logits: str  # tensor holding the logits (before any softmax)
+
+
+def find_head(graph: Graph, output: str | None = None) -> Head:
+    """Walk back from the logits output to the classifier and the dense layers below it.
+
+    Raises:
+        ModelError: no output, several candidate outputs, or no classifier on the way.
+    """
+    outputs = _logit_outputs(graph, output)
+    name = outputs[0]
+    logits, node = _walk_to_classifier(graph, name)
+    if node is None:
+        raise ModelError(
+            f"no classifier found behind output {name!r}: expected Gemm, MatMul with a constant "
+            "weight, or a 1x1x1 logits Conv"
+        )
+    weight, feat_in, axis = _dense_weight(graph, node)
+    chain = [node.name]
+    tensor = feat_in
+    while True:
+        below = _dense_below(graph, tensor)
+        if below is None:
+            break
+        w2, feat_in2, axis2 = _dense_weight(graph, below)
+        if w2.shape[0] != weight.shape[1]:
+            break
+        weight, tensor, axis = weight @ w2, feat_in2, axis2
+        chain.append(below.name)
+    return Head(node.name, tuple(chain), weight, tensor, axis, logits)
+
+
+def _logit_outputs(graph: Graph, output: str | None) -> list[str]:
+    if output is not None:
+        if output not in graph.output_names:
+            raise ModelError(
+                f"--output {output!r} is not a graph output; outputs: {', '.join(graph.output_names)}"
+            )
+        return [output]
+    candidates = [o for o in graph.output_names if _walk_to_classifier(graph, o)[1] is not None]
+    if not candidates:
+        outs = ", ".join(graph.output_names)
+        raise ModelError(
+            f"no classifier found behind outputs {outs}: expected Gemm, MatMul with a constant "
+            "weight, or a 1x1x1 logits Conv feeding the logits"
+        )
+    if len(candidates) > 1:
+        raise ModelError(
+            f"outputs {', '.join(candidates)} could each be the logits; choose one with --output NAME"
+        )
+    return candidates
+
+
+def _walk_to_classifier(graph: Graph, tensor: str) -> tuple[str, Node | None]:
+    """Follow post-logit ops back to the classifier; return (logits tensor, classifier)."""
+    logits = tensor
+    while True:
+        node = graph.producer_of(tensor)
+        if node is None:
+            return logits, None
+        if node.op_type in SOFTMAX:
+            logits = node.inputs[0]
+        if _is_dense(graph, node) or _is_logits_conv(graph, node):
+            return logits, node
+        if node.op_type not in POST_LOGITS:
+            return logits, None
+        feats = [i for i in node.inputs if i and not graph.is_const(i)]
+        if len(feats) != 1:
+            return logits, None
+        tensor = feats[0]
+
+
+def _is_dense(graph: Graph, node: Node) -> bool:
+    if node.op_type not in DENSE or len(node.inputs) < 2:
+        return False
+    if node.op_type == "Gemm":
+        return graph.is_const(node.inputs[1]) and not node.attrs.get("transA", 0)
+    return graph.is_const(node.inputs[1]) and graph.const(node.inputs[1]).ndim == 2
+
+
+def _is_logits_conv(graph: Graph, node: Node) -> bool:
+    if node.op_type not in CONV or not graph.is_const(node.inputs[1]):
+        return False
+    w = graph.const(node.inputs[1])
+    return all(k == 1 for k in w.shape[2:]) and int(node.attrs.get("group", 1)) == 1
+
+
+def _dense_weight(graph: Graph, node: Node) -> tuple[np.ndarray, str, int]:
+    """(W[out, in] in float64, the feature tensor, its feature axis)."""
+    w = graph.const(node.inputs[1]).astype(np.float64)
+    if node.op_type in CONV:
+        return w.reshape(w.shape[0], w.shape[1]), node.inputs[0], 1
+    if node.op_type == "Gemm":
+        w = w if node.attrs.get("transB", 0) else w.T
+        return w, node.inputs[0], 1
+    rank = len(graph.shape(node.inputs[0])) if node.inputs[0] in graph.shapes else 2
+    return w.T, node.inputs[0], rank - 1
+
+
+def _dense_below(graph: Graph, tensor: str) -> Node | None:
+    """The dense layer feeding `tensor` through ReLUs, dropouts, biases and reshapes (C3D's fc6, fc7)."""
+    while True:
+        node = graph.producer_of(tensor)
+        if node is None:
+            return None
+        if _is_dense(graph, node):
+            return node
+        if node.op_type not in HEAD_TRANSPARENT:
+            return None
+        feats = [i for i in node.inputs if i and not graph.is_const(i)]
+        if len(feats) != 1:
+            return None
+        tensor = feats[0]
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A conv whose kernels can appear in a pyramid."""
+
+    index: int  # position among layers (topological)
+    node: str
+    input: str  # the activation it reads, looking through Pad
+    output: str
+    weight: np.ndarray  # as stored: [C_out, C_in/g, *taps]
+    group: int
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @property
+    def c_out(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def c_in(self) -> int:
+        return int(self.weight.shape[1]) * self.group
+
+
+def find_layers(graph: Graph, head: Head) -> tuple[Layer, ...]:
+    """Every Conv except the classifier, in topological order.
+
+    Raises:
+        ModelError: no conv, or a conv whose weight is not a constant.
+    """
+    layers: list[Layer] = []
+    for n in graph.nodes:
+        if n.op_type not in CONV or n.name in head.nodes:
+            continue
+        if not graph.is_const(n.inputs[1]):
+            raise ModelError(f"conv {n.name!r} has a non-constant weight; cfp needs stored weights")
+        w = graph.const(n.inputs[1])
+        if not np.all(np.isfinite(w)):
+            raise ModelError(
+                f"initializer {n.inputs[1]!r} of conv {n.name!r} holds NaN or Inf values"
+            )
+        layers.append(
+            Layer(
+                len(layers),
+                n.name,
+                _through_pad(graph, n.inputs[0]),
+                n.outputs[0],
+                w,
+                int(n.attrs.get("group", 1)),
+                tuple(int(k) for k in w.shape[2:]),
+                tuple(int(s) for s in n.attrs.get("strides", [1] * (w.ndim - 2))),
+            )
+        )
+    if not layers:
+        raise ModelError("the model has no Conv layer below its classifier; cfp explains conv nets")
+    if not np.all(np.isfinite(head.weight)):
+        raise ModelError(f"the classifier {head.node!r} has NaN or Inf weights")
+    return tuple(layers)
+
+
+def _through_pad(graph: Graph, tensor: str) -> str:
+    node = graph.producer_of(tensor)
+    if node is not None and node.op_type == "Pad" and not _pads_channels(graph, node):
+        return node.inputs[0]
+    return tensor
+
+
+def _pads_channels(graph: Graph, node: Node) -> bool:
+    pads = node.attrs.get("pads")
+    if pads is None and len(node.inputs) > 1 and graph.is_const(node.inputs[1]):
+        pads = graph.const(node.inputs[1]).tolist()
+    if pads is None:
+        return True
+    rank = len(pads) // 2
+    return bool(pads[1] or pads[1 + rank]) if rank > 1 else True

@@ -1,0 +1,237 @@
+"""Read an ONNX model safely and make its graph static and folded for analysis.
+
+Two views of one model come out of here: the *runtime* proto (the user's graph,
+external weights left on disk, nodes uniquely named) that gets instrumented and
+run, and the *analysis* proto (dynamic dims fixed from the clip, shape subgraphs
+folded to constants, shapes inferred) that the graph parser reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from cfp_onnx.errors import ClipError, ModelError
+
+log = logging.getLogger(__name__)
+
+MAX_DIM = 1 << 20  # a declared dim beyond this is not a video model, it is an attack
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model read from disk, nodes named, external weights located but not loaded."""
+
+    path: Path
+    proto: onnx.ModelProto
+    external: dict[str, np.ndarray]  # initializer name -> memory-mapped weights
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Read, check and name an ONNX model; external data is memory-mapped, never inlined.
+
+    Raises:
+        ModelError: missing, unreadable or malformed file, or unsafe external data.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(
+            f"model {str(p)!r} does not exist or is not a file; pass a path to a .onnx model"
+        )
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(
+            f"{p.name} is not a readable ONNX model ({type(exc).__name__}); export it with "
+            "`cfp export` or torch.onnx.export / tf2onnx"
+        ) from None
+    if len(proto.graph.node) == 0:
+        raise ModelError(f"{p.name} has an empty graph (no nodes); is it really an ONNX model?")
+    external = _map_external_data(proto, p.parent)
+    try:
+        onnx.checker.check_model(_without_external(proto))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{p.name} fails the ONNX checker: {first}") from None
+    _check_dims(proto, p.name)
+    name_nodes(proto)
+    return LoadedModel(p, proto, external)
+
+
+def _without_external(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy the checker can read: external tensors replaced by empty placeholders."""
+    if not any(_is_external(t) for t in proto.graph.initializer):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for t in copy.graph.initializer:
+        if _is_external(t):
+            dims, dtype, name = list(t.dims), t.data_type, t.name
+            t.Clear()
+            t.name, t.data_type = name, dtype
+            t.dims.extend(dims)
+            t.raw_data = b"\0" * (
+                int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(dtype).itemsize
+            )
+    return copy
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _map_external_data(proto: onnx.ModelProto, base: Path) -> dict[str, np.ndarray]:
+    """Memory-map each external tensor, refusing paths that leave the model's folder."""
+    out: dict[str, np.ndarray] = {}
+    root = base.resolve()
+    for t in proto.graph.initializer:
+        if not _is_external(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        target = (root / loc).resolve()
+        if not loc or os.path.isabs(loc) or root not in target.parents:
+            raise ModelError(
+                f"initializer {t.name!r} points to external data {loc!r} outside the model's "
+                "folder; refusing to read it (keep weight files next to the model)"
+            )
+        if not target.is_file():
+            raise ModelError(f"external data file {loc!r} of initializer {t.name!r} is missing")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        count = int(np.prod(t.dims)) if len(t.dims) else 1
+        offset = int(info.get("offset", 0))
+        if offset + count * dtype.itemsize > target.stat().st_size:
+            raise ModelError(f"external data file {loc!r} is too short for initializer {t.name!r}")
+        out[t.name] = np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
+    return out
+
+
+def _check_dims(proto: onnx.ModelProto, name: str) -> None:
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and not 0 <= d.dim_value <= MAX_DIM:
+                raise ModelError(
+                    f"{name}: tensor {vi.name!r} declares dim {d.dim_value}, beyond any video model "
+                    f"(limit {MAX_DIM})"
+                )
+
+
+def name_nodes(proto: onnx.ModelProto) -> None:
+    """Give every node a unique name: empty or duplicated ones become ``<op>_<topo index>``."""
+    counts = Counter(n.name for n in proto.graph.node)
+    for i, n in enumerate(proto.graph.node):
+        if not n.name or counts[n.name] > 1:
+            n.name = f"{n.op_type}_{i}"
+    # A generated name can collide with a user's; make the rare clash unique too.
+    seen: set[str] = set()
+    for i, n in enumerate(proto.graph.node):
+        while n.name in seen:
+            n.name = f"{n.op_type}_{i}_"
+        seen.add(n.name)
+
+
+def graph_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The one non-initializer graph input: the clip."""
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        names = ", ".join(repr(i.name) for i in inputs) or "none"
+        raise ModelError(f"the model must take exactly one input (the clip); it takes {names}")
+    return inputs[0]
+
+
+def declared_shape(vi: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
+    """Declared dims: ints where fixed, the symbol (or None) where dynamic."""
+    dims = vi.type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+
+
+def resolve_input_shape(
+    proto: onnx.ModelProto, clip_shape: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """Fix the input's dims: batch 1, others from the clip (or the declared ones).
+
+    Raises:
+        ClipError: the clip's shape does not fit the declared input.
+        ModelError: dims are dynamic and there is no clip to fix them.
+    """
+    vi = graph_input(proto)
+    declared = declared_shape(vi)
+    if clip_shape is None:
+        fixed = tuple(1 if i == 0 and not isinstance(d, int) else d for i, d in enumerate(declared))
+        if not all(isinstance(d, int) and d > 0 for d in fixed):
+            raise ModelError(
+                f"input {vi.name!r} has dynamic dims {_fmt(declared)}; give a clip to fix them"
+            )
+        return tuple(int(d) for d in fixed)  # type: ignore[arg-type]
+    if len(clip_shape) == len(declared) - 1:
+        clip_shape = (1, *clip_shape)
+    ok = len(clip_shape) == len(declared) and clip_shape[0] == 1
+    ok = ok and all(not isinstance(d, int) or d in (0, c) for d, c in zip(declared, clip_shape))
+    if not ok:
+        raise ClipError(
+            f"clip has shape {tuple(clip_shape)}; model input {vi.name!r} expects {_fmt(declared)} "
+            "with batch 1 (check frame count, size and layout)"
+        )
+    return tuple(int(c) for c in clip_shape)
+
+
+def _fmt(dims: tuple[int | str | None, ...]) -> str:
+    return "(" + ", ".join(str(d) if d is not None else "?" for d in dims) + ")"
+
+
+def analysis_proto(loaded: LoadedModel, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """A static, folded, shape-inferred copy of the model for the graph parser."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(loaded.proto)
+    for t in proto.graph.initializer:
+        if t.name in loaded.external:
+            arr = np.ascontiguousarray(loaded.external[t.name])
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+    vi = graph_input(proto)
+    shape = vi.type.tensor_type.shape
+    for d, v in zip(shape.dim, input_shape):
+        d.Clear()
+        d.dim_value = v
+    del proto.graph.value_info[:]
+    for out in proto.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    proto = _infer(proto)
+    proto = _fold(proto)
+    return _infer(proto)
+
+
+def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        log.debug("shape inference failed: %s", exc)
+        return proto
+
+
+def _fold(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold shape subgraphs (Shape, Gather, Concat, ConstantOfShape ...) into constants."""
+    try:
+        graph = gs.import_onnx(proto)
+        graph.fold_constants(fold_shapes=True, error_ok=True)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        folded = gs.export_onnx(graph, do_type_check=False)
+    except Exception as exc:  # folding is best effort; parsing reports what stays unresolved
+        log.debug("constant folding failed: %s", exc)
+        return proto
+    folded.ir_version = proto.ir_version
+    del folded.opset_import[:]
+    folded.opset_import.extend(proto.opset_import)
+    return folded
