@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +174,26 @@ def test_generation_is_fast() -> None:
     start = time.perf_counter()
     make_dataset(200, seed=0)
     assert time.perf_counter() - start < 10  # ~0.3 s on one free core; generous for shared CI
+
+
+def test_generate_script_writes_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate", script)
+    assert spec is not None and spec.loader is not None
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    out = tmp_path / "d.npz"
+    assert (
+        generate.main(
+            ["--n", "9", "--seed", "2", "--frames", "8", "--size", "48", "--out", str(out)]
+        )
+        == 0
+    )
+    assert "9 clips of 8x48x48" in capsys.readouterr().out
+    with np.load(out) as data:
+        frames, masks, labels = make_dataset(9, 2, frames=8, size=48)
+        np.testing.assert_array_equal(data["frames"], frames)
+        np.testing.assert_array_equal(data["masks"], masks)
+        np.testing.assert_array_equal(data["labels"], labels)
+        assert tuple(data["classes"]) == CLASSES
+    assert [p.name for p in tmp_path.iterdir()] == ["d.npz"]
