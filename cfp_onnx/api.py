@@ -19,7 +19,13 @@ import onnx
 
 from cfp_onnx import graph as graph_mod
 from cfp_onnx.errors import ClipError, OptionError
-from cfp_onnx.loading import analysis_proto, graph_input, load_model, resolve_input_shape
+from cfp_onnx.loading import (
+    LoadedModel,
+    analysis_proto,
+    graph_input,
+    load_model,
+    resolve_input_shape,
+)
 from cfp_onnx.provenance import Csr, Provenance, trace
 from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
 from cfp_onnx.relevance import HEAD_MODES, tap_means
@@ -59,7 +65,7 @@ class Explainer:
 
     def __init__(
         self,
-        model: str | os.PathLike[str],
+        model: str | os.PathLike[str] | LoadedModel,
         *,
         clip_shape: tuple[int, ...] | None = None,
         output: str | None = None,
@@ -69,7 +75,7 @@ class Explainer:
         self.xp = array_module(device)
         self.device = device
         self.threads = threads
-        self.loaded = load_model(model)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.input_shape = resolve_input_shape(self.loaded.proto, clip_shape)
         proto = analysis_proto(self.loaded, self.input_shape)
         self.graph = graph_mod.parse(proto)

@@ -109,7 +109,7 @@ class Pyramid:
             if n in seen:
                 return {}
             seen.add(n)
-            return {self.kernel_name(c): nest(c) for c in children.get(n, ())}
+            return {self.kernel_name(c): nest(c) for c, _ in children.get(n, ())}
 
         roots = np.flatnonzero(self.node_depth == 0).tolist()
         top = {self.kernel_name(r): nest(r) for r in roots}

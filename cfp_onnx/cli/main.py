@@ -1,0 +1,79 @@
+"""The ``cfp`` console script: subcommands built from small modules.
+
+User errors (``CfpError``) print one line and exit 2; anything else is a bug and keeps
+its traceback (exit 1); Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import NoReturn
+
+from cfp_onnx import __version__
+from cfp_onnx.errors import CfpError
+
+SUBCOMMANDS = ("explain", "inspect", "export", "compare", "demo", "batch")
+
+
+def _modules() -> dict[str, ModuleType]:
+    found = {}
+    for name in SUBCOMMANDS:
+        try:
+            found[name] = importlib.import_module(f"cfp_onnx.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"cfp_onnx.cli.{name}":
+                raise
+    return found
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, exit 2, like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cfp", description="Class Feature Pyramids for ONNX video models.")
+    parser.add_argument("--version", action="version", version=f"cfp_onnx {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in _modules().items():
+        doc = (module.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(
+        level=logging.ERROR if args.quiet else level, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args._run(args))
+    except CfpError as exc:
+        print(f"cfp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cfp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
