@@ -155,13 +155,15 @@ class ResNet3D(nn.Module):
         groups_of: Callable[[int], int],
         stem_kernel: Triple = (7, 7, 7),
         stem_stride: Triple = (1, 2, 2),
+        pool_kernel: Triple = (3, 3, 3),
+        pool_stride: Triple = (2, 2, 2),
     ) -> None:
         super().__init__()
         stem = channels(64, width)
         self.conv1 = nn.Conv3d(3, stem, stem_kernel, stem_stride, same_pad(stem_kernel), bias=False)
         self.bn1 = nn.BatchNorm3d(stem)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool3d(3, 2, 1)
+        self.maxpool = nn.MaxPool3d(pool_kernel, pool_stride, same_pad(pool_kernel))
         c_in = stem
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
             mid = mid_of(planes)
@@ -243,7 +245,7 @@ def csn_152(
     num_classes: int = 400, width: float = 1.0, depth: float = 1.0, in_frames: int = 16
 ) -> ResNet3D:
     """ir-CSN-152 (Tran et al., ICCV 2019): the 3x3x3 conv of each bottleneck is
-    depth-wise (channel-separated); stem 3x7x7 as in the paper."""
+    depth-wise (channel-separated); stem 3x7x7 and a spatial-only max pool, as in VMZ."""
     check_frames(in_frames, 8, "CSN")
     return ResNet3D(
         [repeats(b, depth) for b in RESNET_BLOCKS[152]],
@@ -253,6 +255,8 @@ def csn_152(
         out_of=lambda p: channels(4 * p, width),
         groups_of=lambda mid: mid,
         stem_kernel=(3, 7, 7),
+        pool_kernel=(1, 3, 3),
+        pool_stride=(1, 2, 2),
     )
 
 
