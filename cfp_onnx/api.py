@@ -103,8 +103,8 @@ class Explainer:
     @cached_property
     def head_csr(self) -> Csr:
         f = int(self.head.weight.shape[1])
-        shape = self.graph.shape(self.head.input)
-        if shape[self.head.feature_axis] != f:
+        shape = self.graph.shapes.get(self.head.input)
+        if shape is not None and shape[self.head.feature_axis] != f:
             raise OptionError(
                 f"classifier {self.head.node!r} reads {shape[self.head.feature_axis]} features "
                 f"but its weight has {f}"

@@ -71,11 +71,13 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
 
 
 def _without_external(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy the checker can read: external tensors replaced by empty placeholders."""
-    if not any(_is_external(t) for t in proto.graph.initializer):
-        return proto
+    """A copy the checker can read: external tensors replaced by empty placeholders, and
+    outputs of unknown shape (after a custom op) given an empty one the checker accepts."""
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
+    for out in copy.graph.output:
+        if out.type.HasField("tensor_type") and not out.type.tensor_type.HasField("shape"):
+            out.type.tensor_type.shape.SetInParent()
     for t in copy.graph.initializer:
         if _is_external(t):
             dims, dtype, name = list(t.dims), t.data_type, t.name
