@@ -1,0 +1,156 @@
+"""The real `cfp` console script: outputs, exit codes, one-line errors, nothing half written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cfp_onnx.api import Explainer
+from tests import nets
+
+CFP = str(Path(sys.executable).with_name("cfp"))
+
+
+def cfp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CFP, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def setup(exported, tmp_path):
+    _, path = exported("residual")
+    clip = np.random.default_rng(0).standard_normal(nets.CLIP).astype(np.float32)
+    np.save(tmp_path / "clip.npy", clip)
+    return path, tmp_path
+
+
+def test_explain_writes_the_spec_json(setup):
+    model, tmp = setup
+    r = cfp("explain", str(model), "--clip", "clip.npy", "--out", "out", "--theta", "0.5", cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp / "out" / "pyramid.json").read_text())
+    assert list(doc) == [
+        "model", "label", "label_name", "score", "theta", "depth", "max_depth_reached",
+        "head_mode", "top_n", "nodes", "links",
+    ]  # fmt: skip
+    assert doc["model"] == model.name and doc["theta"] == 0.5 and doc["depth"] == 3
+    assert doc["max_depth_reached"] == 2 and doc["label_name"] is None and doc["top_n"] is None
+    clip = np.load(tmp / "clip.npy")
+    p = Explainer(model, clip_shape=clip.shape).explain(clip, theta=0.5)
+    assert doc == json.loads(p.to_json())
+    keys = [(n["depth"], n["layer"], n["channel"]) for n in doc["nodes"]]
+    order = [p.layers.index(k[1]) for k in keys]
+    assert [(d, o, c) for (d, _, c), o in zip(keys, order)] == sorted(
+        (d, o, c) for (d, _, c), o in zip(keys, order)
+    )
+    assert [n["id"] for n in doc["nodes"]] == list(range(len(doc["nodes"])))
+    assert f"prediction: class {doc['label']}" in r.stdout
+    assert "depth 0:" in r.stdout and "depth 2:" in r.stdout
+
+
+def test_reference_format_writes_the_papers_tree(setup):
+    model, tmp = setup
+    r = cfp(
+        "explain", str(model), "--clip", "clip.npy", "--out", "o", "--format", "reference", cwd=tmp
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp / "o" / "pyramid.json").read_text())
+    ref = json.loads((tmp / "o" / "reference.json").read_text())
+    tree = json.loads((tmp / "o" / "tree.json").read_text())
+    roots = {f"{n['layer']}:{n['channel']}" for n in doc["nodes"] if n["depth"] == 0}
+    assert list(ref) == [str(doc["label"])] and set(ref[str(doc["label"])]) == roots
+    assert {c["name"] for c in tree["children"]} == roots
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--label", "99"], "label 99 is out of range: the model has 5 classes"),
+        (["--label", "x"], "--label: must be an integer"),
+        (["--theta", "1.5"], "theta must be a number in [0, 1]"),
+        (["--theta", "nan"], "theta must be a number in [0, 1]"),
+        (["--depth", "0"], "depth must be an integer >= 1"),
+        (["--top-n", "0"], "top-n must be an integer >= 1"),
+        (["--head-mode", "magic"], "invalid choice"),
+    ],
+)
+def test_bad_options_one_line_exit_2_nothing_written(setup, args, msg):
+    model, tmp = setup
+    r = cfp("explain", str(model), "--clip", "clip.npy", "--out", "o", *args, cwd=tmp)
+    assert r.returncode == 2
+    assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp / "o").exists()
+    assert [p.name for p in tmp.iterdir()] == ["clip.npy"]
+
+
+def test_bad_model_and_clip(setup):
+    model, tmp = setup
+    (tmp / "junk.onnx").write_bytes(b"\x00not a model" * 10)
+    np.save(tmp / "bad.npy", np.zeros((1, 3, 9, 16, 16), np.float32))
+    np.save(tmp / "nan.npy", np.full(nets.CLIP, np.nan, np.float32))
+    cases = [
+        (["junk.onnx", "--clip", "clip.npy"], "is not a readable ONNX model"),
+        (["missing.onnx", "--clip", "clip.npy"], "does not exist"),
+        ([str(model), "--clip", "bad.npy"], "expects (batch, 3, 4, 16, 16)"),
+        ([str(model), "--clip", "nan.npy"], "NaN"),
+        ([str(model), "--clip", "nothing.npy"], "does not exist"),
+    ]
+    for args, msg in cases:
+        r = cfp("explain", *args, "--out", "o", cwd=tmp)
+        assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp / "o").exists()
+
+
+def test_existing_output_needs_overwrite(setup):
+    model, tmp = setup
+    assert cfp("explain", str(model), "--clip", "clip.npy", "--out", "o", cwd=tmp).returncode == 0
+    before = (tmp / "o" / "pyramid.json").read_text()
+    r = cfp("explain", str(model), "--clip", "clip.npy", "--out", "o", "--theta", "0.3", cwd=tmp)
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (tmp / "o" / "pyramid.json").read_text() == before
+    r = cfp(
+        "explain",
+        str(model),
+        "--clip",
+        "clip.npy",
+        "--out",
+        "o",
+        "--theta",
+        "0.3",
+        "--overwrite",
+        cwd=tmp,
+    )
+    assert (
+        r.returncode == 0 and json.loads((tmp / "o" / "pyramid.json").read_text())["theta"] == 0.3
+    )
+    assert sorted(p.name for p in tmp.iterdir()) == ["clip.npy", "o"]
+
+
+def test_inspect_reports_structure(exported, tmp_path):
+    _, path = exported("inception")
+    r = cfp("inspect", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "classes: 5" in r.stdout and "unsupported ops: none" in r.stdout
+    assert "branch concats: 1" in r.stdout and "groups 1" in r.stdout
+    _, path = exported("residual")
+    r = cfp("inspect", str(path), cwd=tmp_path)
+    assert "residual/element-wise merges: 4" in r.stdout, r.stdout
+
+
+def test_inspect_names_unsupported_ops(tmp_path):
+    from tests.graphs import G
+
+    g = G()
+    y = g.op("LpNormalization", g.relu(g.conv("video", 3, 6)), axis=1)
+    logits = g.gemm(g.pool_flatten(g.relu(g.conv(y, 6, 6))), 6, 3)
+    g.save(tmp_path / "m.onnx", [logits])
+    r = cfp("inspect", "m.onnx", cwd=tmp_path)
+    assert r.returncode == 2
+    assert (
+        "unsupported ops on the pyramid's paths:" in r.stdout and "op LpNormalization" in r.stdout
+    )

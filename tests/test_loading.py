@@ -1,0 +1,111 @@
+"""Loading: external weights stay on disk, unsafe paths are refused, names are made unique."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from cfp_onnx.api import Explainer
+from cfp_onnx.errors import ClipError, ModelError
+from cfp_onnx.loading import load_model, name_nodes
+from tests import nets
+
+
+def _external_copy(src, folder, location="weights.bin"):
+    folder.mkdir(exist_ok=True)
+    m = onnx.load(str(src))
+    onnx.save_model(
+        m, str(folder / "model.onnx"), save_as_external_data=True,
+        all_tensors_to_one_file=True, location=location, size_threshold=0,
+    )  # fmt: skip
+    return folder / "model.onnx"
+
+
+def test_external_data_model_explains_like_embedded(exported, tmp_path):
+    _, path = exported("residual")
+    ext = _external_copy(path, tmp_path / "ext")
+    loaded = load_model(ext)
+    assert loaded.external, "weights should be memory-mapped, not inlined"
+    assert all(isinstance(v, np.memmap) for v in loaded.external.values())
+    assert not any(t.raw_data for t in loaded.proto.graph.initializer if t.name in loaded.external)
+    clip = np.random.default_rng(0).standard_normal(nets.CLIP).astype(np.float32)
+    a = Explainer(path, clip_shape=clip.shape).explain(clip, theta=0.5)
+    b = Explainer(ext, clip_shape=clip.shape).explain(clip, theta=0.5)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    np.testing.assert_array_equal(a.link_target, b.link_target)
+    np.testing.assert_array_equal(a.link_relevance, b.link_relevance)
+
+
+@pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "sub/../../x.bin"])
+def test_external_data_outside_the_folder_is_refused(exported, tmp_path, location):
+    _, path = exported("plain")
+    ext = _external_copy(path, tmp_path / "ext")
+    m = onnx.load(str(ext), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(m, str(ext))
+    with pytest.raises(ModelError, match="outside the model's folder; refusing to read it"):
+        load_model(ext)
+
+
+def test_missing_external_file(exported, tmp_path):
+    _, path = exported("plain")
+    ext = _external_copy(path, tmp_path / "ext")
+    (tmp_path / "ext" / "weights.bin").unlink()
+    with pytest.raises(ModelError, match="is missing"):
+        load_model(ext)
+
+
+def test_empty_and_duplicate_names_are_replaced():
+    nodes = [
+        onnx.helper.make_node("Relu", ["x"], ["a"], name=""),
+        onnx.helper.make_node("Relu", ["a"], ["b"], name="dup"),
+        onnx.helper.make_node("Relu", ["b"], ["c"], name="dup"),
+        onnx.helper.make_node("Relu", ["c"], ["d"], name="keep"),
+    ]
+    g = onnx.helper.make_graph(nodes, "g", [], [])
+    m = onnx.helper.make_model(g)
+    name_nodes(m)
+    assert [n.name for n in m.graph.node] == ["Relu_0", "Relu_1", "Relu_2", "keep"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "msg"),
+    [
+        ((1, 3, 5, 16, 16), r"clip has shape \(1, 3, 5, 16, 16\); model input 'video' expects"),
+        ((1, 4, 16, 16, 3), "expects"),
+        ((2, 3, 4, 16, 16), "batch 1"),
+        ((3, 4, 16), "expects"),
+    ],
+)
+def test_clip_shape_mismatch_says_what_is_expected(exported, shape, msg):
+    _, path = exported("plain")
+    with pytest.raises(ClipError, match=msg):
+        Explainer(path, clip_shape=shape)
+
+
+def test_batch_axis_is_optional(exported):
+    _, path = exported("plain")
+    clip = np.random.default_rng(0).standard_normal(nets.CLIP).astype(np.float32)
+    ex = Explainer(path, clip_shape=clip.shape[1:])
+    a = ex.explain(clip[0])
+    b = ex.explain(clip)
+    np.testing.assert_array_equal(a.node_channel, b.node_channel)
+
+
+def test_dynamic_dims_without_clip_are_an_error(tmp_path):
+    from tests.graphs import G
+
+    g = G(shape=(1, 3, 4, 8, 8))
+    z = g.relu(g.conv("video", 3, 4))
+    logits = g.gemm(g.pool_flatten(z), 4, 2)
+    path = g.save(tmp_path / "m.onnx", [logits])
+    m = onnx.load(str(path))
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "frames"
+    onnx.save(m, str(path))
+    with pytest.raises(ModelError, match="dynamic dims"):
+        Explainer(path)
+    assert Explainer(path, clip_shape=(1, 3, 6, 8, 8)).input_shape == (1, 3, 6, 8, 8)
