@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,7 +62,14 @@ def add_report_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fps", type=float, default=8.0, help="tube playback speed (default 8)")
 
 
+def quiet_decoders() -> None:
+    """Silence FFmpeg's own stderr log (read at the first VideoCapture): a bad video must
+    give our one-line error, not FFmpeg's lines before it. An explicit setting wins."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+
 def run(args: argparse.Namespace) -> int:
+    quiet_decoders()
     check_options(depth=args.depth, theta=args.theta, top_n=args.top_n, head_mode=args.head_mode)
     check_view_args(args)
     check_target(args.out, overwrite=args.overwrite)
