@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DYNAMO = False
 """TorchScript exporter by default: readable node names, ~30x faster, no version conversion."""
 
-NAMED_OPS = {"Conv": "Conv", "Gemm": "Gemm", "ConvTranspose": "ConvTranspose"}
+NAMED_OPS = ("Conv", "Gemm", "ConvTranspose")
+"""Ops renamed after the module owning their weight (dynamo export only)."""
 
 
 def export_torch(
@@ -140,7 +141,7 @@ def _export_torchscript(
     torch.onnx.export(
         model,
         (clip,),
-        buffer,
+        buffer,  # type: ignore[arg-type]  # a file-like object is accepted
         input_names=[input_name],
         output_names=[output_name],
         opset_version=opset,
@@ -210,7 +211,7 @@ def rename_like_torchscript(proto: onnx.ModelProto, model: nn.Module) -> onnx.Mo
         owner = node.input[1].removesuffix(".weight")
         if owner == node.input[1] or owner not in modules:
             continue
-        name = torchscript_node_name(owner, NAMED_OPS[node.op_type])
+        name = torchscript_node_name(owner, node.op_type)
         if name not in taken:
             taken.discard(node.name)
             node.name = name

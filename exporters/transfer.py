@@ -77,6 +77,8 @@ def _copy(module: nn.Module, layer: keras.layers.Layer, qualname: str) -> None:
 
 def _torch_weights(module: nn.Module) -> list[torch.Tensor]:
     """In Keras order: kernel[, bias]; BN: gamma, beta, moving mean, moving variance."""
-    if isinstance(module, BATCH_NORMS):
-        return [module.weight, module.bias, module.running_mean, module.running_var]
-    return [module.weight] + ([module.bias] if module.bias is not None else [])
+    names: tuple[str, ...] = ("weight", "bias", "running_mean", "running_var")
+    if not isinstance(module, BATCH_NORMS):
+        names = ("weight", "bias")
+    found = (getattr(module, n, None) for n in names)
+    return [t for t in found if isinstance(t, torch.Tensor)]

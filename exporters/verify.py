@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +70,10 @@ def check_video_shape(shape: Sequence[int | None], what: str) -> tuple[int, ...]
             f"{what} has shape {list(dims)} ({len(dims)}-D); a video model takes a 5-D clip "
             "batch, (N, C, T, H, W) or (N, T, H, W, C)"
         )
-    if any(d is None or int(d) <= 0 for d in dims):
+    known = [int(d) for d in dims if d is not None]
+    if len(known) != len(dims) or min(known) <= 0:
         raise ModelError(f"{what} has unknown or empty dims {list(dims)}; give --input-shape")
-    return tuple(int(d) for d in dims)
+    return tuple(known)
 
 
 def seeded_clip(shape: Sequence[int], seed: int) -> np.ndarray:
@@ -209,6 +210,3 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"exported graph is not valid ONNX: {_first_line(exc)}") from None
     onnx.save_model(model, str(path))
-
-
-FrameworkRun = Callable[[np.ndarray], np.ndarray]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -32,7 +33,8 @@ from cfp_onnx.exporters.zoo.torch_models import (
 )
 from keras import layers
 
-Tensor = keras.KerasTensor
+Tensor: TypeAlias = Any
+"""A symbolic Keras tensor (``keras.KerasTensor``); Keras' types do not check."""
 BN_EPSILON = 1e-5
 """PyTorch's BatchNorm epsilon (Keras defaults to 1e-3), so twins agree."""
 

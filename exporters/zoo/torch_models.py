@@ -25,7 +25,7 @@ Triple = tuple[int, int, int]
 # ---------------------------------------------------------------- helpers
 
 
-def channels(base: int, width: float, divisor: int = 1) -> int:
+def channels(base: float, width: float, divisor: int = 1) -> int:
     """``base * width`` rounded to a positive multiple of ``divisor`` (for groups)."""
     return max(divisor, round(base * width / divisor) * divisor)
 
@@ -88,6 +88,13 @@ def check_frames(in_frames: int, divisor: int, name: str) -> None:
         raise ValueError(f"{name} needs in_frames divisible by {divisor}, got {in_frames}")
 
 
+def run_stages(model: nn.Module, x: torch.Tensor, *names: str) -> torch.Tensor:
+    """Apply the named submodules in order (stages registered with ``add_module``)."""
+    for name in names:
+        x = model.get_submodule(name)(x)
+    return x
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm random statistics and affine terms, so tests are not
     fooled by the identity BatchNorm of a freshly built model. Returns ``model``."""
@@ -95,6 +102,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.BatchNorm3d | nn.BatchNorm2d | nn.BatchNorm1d):
             n = module.num_features
+            assert module.running_mean is not None and module.running_var is not None
             with torch.no_grad():
                 module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
                 module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
@@ -178,7 +186,7 @@ class ResNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = run_stages(self, x, "layer1", "layer2", "layer3", "layer4")
         return self.head(x)
 
 
@@ -334,7 +342,7 @@ class MFNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.conv1(x))
-        x = self.conv5(self.conv4(self.conv3(self.conv2(x))))
+        x = run_stages(self, x, "conv2", "conv3", "conv4", "conv5")
         return self.head(self.tail(x))
 
 
@@ -491,7 +499,7 @@ class R2Plus1D(nn.Module):
         self.head = Head(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = run_stages(self, x, "stem", "layer1", "layer2", "layer3", "layer4")
         return self.head(x)
 
 
@@ -569,7 +577,7 @@ class X3D(nn.Module):
         self.fc = nn.Linear(channels(2048, width), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.s5(self.s4(self.s3(self.s2(self.stem(x)))))
+        x = run_stages(self, x, "stem", "s2", "s3", "s4", "s5")
         x = self.conv5(x).mean(dim=(2, 3, 4))
         return self.fc(self.dropout(torch.relu(self.lin5(x))))
 
@@ -659,10 +667,10 @@ class SlowFast(nn.Module):
         fast = self.pool(self.fast_stem(x))
         slow = torch.cat([slow, self.lateral0(fast)], dim=1)
         for i in range(2, 6):
-            slow = getattr(self, f"slow{i}")(slow)
-            fast = getattr(self, f"fast{i}")(fast)
+            slow = self.get_submodule(f"slow{i}")(slow)
+            fast = self.get_submodule(f"fast{i}")(fast)
             if i < 5:
-                slow = torch.cat([slow, getattr(self, f"lateral{i - 1}")(fast)], dim=1)
+                slow = torch.cat([slow, self.get_submodule(f"lateral{i - 1}")(fast)], dim=1)
         pooled = torch.cat([slow.mean(dim=(2, 3, 4)), fast.mean(dim=(2, 3, 4))], dim=1)
         return self.fc(self.dropout(pooled))
 
