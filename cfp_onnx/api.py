@@ -286,11 +286,13 @@ class Explainer:
         """Back-step data of a layer, computed once per Explainer."""
         if layer not in self._steps:
             lay, csr, xp = self.layers[layer], self.input_csr(layer), self.xp
+            injective = len(np.unique(csr.kernels)) == len(csr.kernels)
             self._steps[layer] = LayerStep(
                 tap_means(xp, lay.weight),
                 lay.group,
                 xp.asarray(csr.indptr),
                 xp.asarray(csr.kernels),
+                injective,
             )
         return self._steps[layer]
 

@@ -1,20 +1,31 @@
 """The class feature pyramid (SPEC §5): built from head scores and back-steps, kept as arrays.
 
-A ResNet-50-3D at depth 3 can hold 10^5-10^6 links, so nodes and links are
-columns of arrays, never one Python object each.
+A ResNet-50-3D at depth 3 can hold 10^5-10^6 links, so nodes and links are columns of
+arrays, never one Python object each. Links are kept *factored* as the back-step made
+them (kept (kernel, input channel) pairs x the channel's provenance): node sets, depths and
+relevances never need the flat link list, which is expanded only when asked for.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from cfp_onnx.relevance import Array, back_step, expand_csr, head_scores, max_per_pair, select
+from cfp_onnx.relevance import (
+    Array,
+    Step,
+    back_step,
+    expand_csr,
+    head_scores,
+    max_per_pair,
+    select,
+)
 from cfp_onnx.xp import to_numpy
 
 
@@ -37,13 +48,62 @@ class Pyramid:
     node_channel: np.ndarray
     node_depth: np.ndarray
     node_relevance: np.ndarray
-    link_source: np.ndarray  # node ids (parent, nearer the head)
-    link_target: np.ndarray  # node ids (child)
-    link_relevance: np.ndarray
-    kept_node: np.ndarray  # per expanded node: the input channels its back-step kept
-    kept_channel: np.ndarray
-    kept_score: np.ndarray
+    node_of: np.ndarray  # kernel id -> node id (-1: not in the pyramid)
+    blocks: tuple[LinkBlock, ...]  # the back-steps, factored
     head_best: float  # largest normalised head score (for the empty-pyramid message)
+
+    @cached_property
+    def _links(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src, dst, rel = [], [], []
+        for b in self.blocks:
+            s, t, r = b.expand()
+            src.append(self.node_of[s])
+            dst.append(self.node_of[t])
+            rel.append(r)
+        if not src:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        s, t, r = np.concatenate(src), np.concatenate(dst), np.concatenate(rel)
+        order = np.lexsort((t, s))
+        return s[order], t[order], r[order]
+
+    @property
+    def link_source(self) -> np.ndarray:
+        """Node id of each link's parent (nearer the head); links sorted by (source, target)."""
+        return self._links[0]
+
+    @property
+    def link_target(self) -> np.ndarray:
+        return self._links[1]
+
+    @property
+    def link_relevance(self) -> np.ndarray:
+        return self._links[2]
+
+    @cached_property
+    def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        parts = [(self.node_of[b.parent[b.row]], b.channel, b.score) for b in self.blocks]
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        node, chan, score = (np.concatenate(x) for x in zip(*parts))
+        order = np.lexsort((chan, node))
+        return node[order], chan[order], score[order]
+
+    @property
+    def kept_node(self) -> np.ndarray:
+        """Per expanded node, the input channels its back-step kept (what its tube sums)."""
+        return self._kept[0]
+
+    @property
+    def kept_channel(self) -> np.ndarray:
+        return self._kept[1]
+
+    @property
+    def kept_score(self) -> np.ndarray:
+        return self._kept[2]
+
+    @property
+    def n_links(self) -> int:
+        return len(self.link_source)
 
     @property
     def empty(self) -> bool:
@@ -52,7 +112,7 @@ class Pyramid:
     def summary(self) -> list[tuple[int, int, int, int]]:
         """Per depth: (depth, kernels, layers, links out of that depth)."""
         rows = []
-        src_depth = self.node_depth[self.link_source]
+        src_depth = self.node_depth[self.link_source] if len(self.node_depth) else np.zeros(0)
         for d in range(self.max_depth_reached + 1):
             at = self.node_depth == d
             rows.append(
@@ -148,6 +208,49 @@ def _children(p: Pyramid) -> dict[int, list[Any]]:
 
 
 @dataclass(frozen=True)
+class LinkBlock:
+    """The links out of one layer's back-step, factored: parent ``parent[row]`` keeps input
+    ``channel`` with ``score``; its children are the kernels that channel carries."""
+
+    xp: ModuleType
+    parents: Array  # kernel ids of the step's rows
+    step: Step
+    indptr: Array  # the layer's input provenance
+    kernels: Array
+    injective: bool  # no kernel feeds two channels: (parent, child) pairs are unique
+
+    @cached_property
+    def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        row, channel, score = self.step.kept(self.xp)
+        return to_numpy(row), to_numpy(channel), to_numpy(score)
+
+    @property
+    def parent(self) -> np.ndarray:
+        return to_numpy(self.parents)
+
+    @property
+    def row(self) -> np.ndarray:
+        return self._kept[0]
+
+    @property
+    def channel(self) -> np.ndarray:
+        return self._kept[1]
+
+    @property
+    def score(self) -> np.ndarray:
+        return self._kept[2]
+
+    def expand(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat (parent kernel, child kernel, r') triples, one per link."""
+        entry, child = expand_csr(np, to_numpy(self.indptr), to_numpy(self.kernels), self.channel)
+        parent, score = self.parent[self.row][entry], self.score[entry]
+        if self.injective:
+            return parent, child, score
+        n = int(max(parent.max(initial=0), child.max(initial=0))) + 1
+        return max_per_pair(np, parent, child, score, n)
+
+
+@dataclass(frozen=True)
 class LayerStep:
     """What the back-step needs of one layer, on the backend."""
 
@@ -155,6 +258,7 @@ class LayerStep:
     group: int
     indptr: Array  # input provenance CSR
     kernels: Array
+    injective: bool  # every kernel appears in at most one channel's row
 
 
 @dataclass(frozen=True)
@@ -180,33 +284,51 @@ def build(
     top_n: int | None,
     head_mode: str,
 ) -> dict[str, Any]:
-    """Head, then one back-step per depth level; returns the columns of a Pyramid."""
+    """Head, then one back-step per depth level; returns the columns of a Pyramid.
+
+    Node sets and relevances come from per-channel maxima (a kernel's relevance is the
+    largest r' over the channels that carry it), so the cost grows with kernels and
+    channels, not with the number of links.
+    """
     n_kernels = int(inp.offsets[-1])
     offsets = xp.asarray(inp.offsets)
     scores = head_scores(xp, inp.head_weight, inp.features, label, head_mode)
     kept_f = xp.flatnonzero(select(xp, scores[None, :], theta, top_n)[0])
     entry, kid = expand_csr(xp, inp.head_indptr, inp.head_kernels, kept_f)
     depth_of = xp.full(n_kernels, -1, dtype=xp.int64)
-    relevance = xp.full(n_kernels, -xp.inf)
-    _scatter_max(xp, relevance, kid, scores[kept_f][entry])
+    head_rel = xp.full(n_kernels, -xp.inf)
+    _scatter_max(xp, head_rel, kid, scores[kept_f][entry])
+    incoming = xp.full(n_kernels, -xp.inf)
     frontier = xp.unique(kid)
     depth_of[frontier] = 0
-    links: list[tuple[Array, Array, Array]] = []
-    kept: list[tuple[Array, Array, Array]] = []
+    blocks: list[LinkBlock] = []
     for d in range(depth - 1):
         if len(frontier) == 0:
             break
-        parent, child, score = _level(xp, inp, frontier, offsets, theta, top_n, kept)
-        parent, child, score = max_per_pair(xp, parent, child, score, n_kernels)
-        links.append((parent, child, score))
-        fresh = xp.unique(child[depth_of[child] < 0])
+        reached = _level(xp, inp, frontier, offsets, theta, top_n, incoming, blocks)
+        fresh = reached[depth_of[reached] < 0]
         depth_of[fresh] = d + 1
         frontier = fresh
-    return _columns(xp, depth_of, relevance, links, kept, float(scores.max()))
+    relevance = xp.where(depth_of == 0, head_rel, incoming)
+    kids = xp.flatnonzero(depth_of >= 0)  # ascending kernel id = (layer, channel) order
+    order = xp.argsort(depth_of[kids], kind="stable")
+    kids = kids[order]
+    node_of = xp.full(n_kernels, -1, dtype=xp.int64)
+    node_of[kids] = xp.arange(len(kids))
+    return {
+        "kernels": to_numpy(kids),
+        "node_depth": to_numpy(depth_of[kids]),
+        "node_relevance": to_numpy(relevance[kids]),
+        "node_of": to_numpy(node_of),
+        "blocks": tuple(blocks),
+        "head_best": float(scores.max()),
+    }
 
 
 def _scatter_max(xp: ModuleType, target: Array, index: Array, values: Array) -> None:
-    """``maximum.at`` for backends without ufunc.at (CuPy)."""
+    """``target[index] = max(target[index], values)`` with repeated indices (no ufunc.at on CuPy)."""
+    if len(index) == 0:
+        return
     order = xp.lexsort(xp.stack([-values, index]))
     index, values = index[order], values[order]
     first = xp.ones(len(index), dtype=bool)
@@ -222,64 +344,24 @@ def _level(
     offsets: Array,
     theta: float,
     top_n: int | None,
-    kept: list[tuple[Array, Array, Array]],
-) -> tuple[Array, Array, Array]:
-    """Expand every frontier kernel, one vectorised back-step per layer."""
+    incoming: Array,
+    blocks: list[LinkBlock],
+) -> Array:
+    """Expand every frontier kernel, one vectorised back-step per layer; return the children."""
     layer_of = xp.searchsorted(offsets, frontier, side="right") - 1
-    parents, children, scores = [], [], []
+    reached = []
     for layer in to_numpy(xp.unique(layer_of)).tolist():
         kids = frontier[layer_of == layer]
         step = inp.steps(layer)
-        k = back_step(
-            xp, step.kbar, step.group, kids - offsets[layer], inp.pooled(layer), theta, top_n
-        )
-        kept.append((kids[k.row], k.channel, k.score))
-        entry, child = expand_csr(xp, step.indptr, step.kernels, k.channel)
-        parents.append(kids[k.row][entry])
-        children.append(child)
-        scores.append(k.score[entry])
-    return _cat(xp, parents, xp.int64), _cat(xp, children, xp.int64), _cat(xp, scores, xp.float64)
-
-
-def _cat(xp: ModuleType, parts: Sequence[Array], dtype: Any) -> Array:
-    return xp.concatenate(parts) if parts else xp.zeros(0, dtype=dtype)
-
-
-def _columns(
-    xp: ModuleType,
-    depth_of: Array,
-    relevance: Array,
-    links: list[tuple[Array, Array, Array]],
-    kept: list[tuple[Array, Array, Array]],
-    head_best: float,
-) -> dict[str, Any]:
-    parent = _cat(xp, [p for p, _, _ in links], xp.int64)
-    child = _cat(xp, [c for _, c, _ in links], xp.int64)
-    score = _cat(xp, [s for _, _, s in links], xp.float64)
-    incoming = xp.full(len(depth_of), -xp.inf)
-    if len(child):
-        _scatter_max(xp, incoming, child, score)
-    relevance = xp.where(depth_of == 0, relevance, incoming)
-    kids = xp.flatnonzero(depth_of >= 0)
-    order = xp.lexsort(xp.stack([kids, depth_of[kids]]))
-    kids = kids[order]
-    node_of = xp.full(len(depth_of), -1, dtype=xp.int64)
-    node_of[kids] = xp.arange(len(kids))
-    src, dst = node_of[parent], node_of[child]
-    link_order = xp.lexsort(xp.stack([dst, src]))
-    kept_kid = _cat(xp, [k for k, _, _ in kept], xp.int64)
-    kept_order = xp.lexsort(
-        xp.stack([_cat(xp, [c for _, c, _ in kept], xp.int64), node_of[kept_kid]])
-    )
-    return {
-        "kernels": to_numpy(kids),
-        "node_depth": to_numpy(depth_of[kids]),
-        "node_relevance": to_numpy(relevance[kids]),
-        "link_source": to_numpy(src[link_order]),
-        "link_target": to_numpy(dst[link_order]),
-        "link_relevance": to_numpy(score[link_order]),
-        "kept_node": to_numpy(node_of[kept_kid][kept_order]),
-        "kept_channel": to_numpy(_cat(xp, [c for _, c, _ in kept], xp.int64)[kept_order]),
-        "kept_score": to_numpy(_cat(xp, [s for _, _, s in kept], xp.float64)[kept_order]),
-        "head_best": head_best,
-    }
+        pooled = inp.pooled(layer)
+        s = back_step(xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n)
+        best = s.column_max(xp, len(pooled))
+        chans = xp.flatnonzero(best > -xp.inf)
+        entry, child = expand_csr(xp, step.indptr, step.kernels, chans)
+        if step.injective:
+            incoming[child] = xp.maximum(incoming[child], best[chans][entry])
+        else:
+            _scatter_max(xp, incoming, child, best[chans][entry])
+        reached.append(child)
+        blocks.append(LinkBlock(xp, kids, s, step.indptr, step.kernels, step.injective))
+    return xp.unique(xp.concatenate(reached)) if reached else xp.zeros(0, dtype=xp.int64)

@@ -7,6 +7,7 @@ per kernel.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -53,12 +54,58 @@ def tap_means(xp: ModuleType, weight: Array) -> Array:
 
 
 @dataclass(frozen=True)
-class Kept:
-    """Input channels kept by a back-step: ``kernel[row]`` keeps ``channel`` with ``score``."""
+class Step:
+    """One layer's back-step for its selected kernels, kept dense: row i is kernel ``js[i]``,
+    column m its group's input channel ``q[i] * per_group + m``. The kept mask and pairs are
+    derived on demand: node sets and relevances need only per-channel maxima."""
 
-    row: Array  # index into the selected kernels
-    channel: Array  # input channel of the layer
-    score: Array  # normalised relevance r'
+    js: Array  # selected output channels, ascending
+    q: Array  # their group
+    score: Array  # [len(js), C_in/g] normalised relevance r'
+    theta: float
+    top_n: int | None
+
+    @property
+    def per_group(self) -> int:
+        return int(self.score.shape[1])
+
+    def keep(self, xp: ModuleType) -> Array:
+        return select(xp, self.score, self.theta, self.top_n)
+
+    def kept(self, xp: ModuleType) -> tuple[Array, Array, Array]:
+        """(row, input channel, r') of every kept pair."""
+        row, m = xp.nonzero(self.keep(xp))
+        return row, self.q[row] * self.per_group + m, self.score[row, m]
+
+    def column_max(self, xp: ModuleType, c_in: int) -> Array:
+        """Per input channel, the largest kept r' over all selected kernels (-inf: none).
+
+        Without top_n a kept entry is one >= theta, so the column maximum of r' is the
+        largest kept value whenever it reaches theta: one reduction, no mask.
+        """
+        if self.top_n is None:
+            scores = self.score
+        else:
+            scores = xp.where(self.keep(xp), self.score, -xp.inf)
+        if self.per_group == c_in:  # group 1: every kernel sees every channel
+            seg = scores.max(axis=0)[None, :]
+            starts = xp.zeros(1, dtype=xp.int64)
+        else:
+            starts = xp.flatnonzero(
+                xp.concatenate([xp.ones(1, dtype=bool), self.q[1:] != self.q[:-1]])
+            )
+            seg = _segment_max(xp, scores, starts)
+        out = xp.full(c_in, -xp.inf)
+        cols = self.q[starts][:, None] * self.per_group + xp.arange(self.per_group)[None, :]
+        out[cols] = xp.where(seg >= self.theta, seg, -xp.inf)
+        return out
+
+
+def _segment_max(xp: ModuleType, scores: Array, starts: Array) -> Array:
+    if hasattr(xp.maximum, "reduceat"):
+        return xp.maximum.reduceat(scores, starts, axis=0)
+    bounds = [*to_host(starts).tolist(), len(scores)]  # CuPy: one reduction per group present
+    return xp.stack([scores[a:b].max(axis=0) for a, b in itertools.pairwise(bounds)])
 
 
 def back_step(
@@ -69,20 +116,32 @@ def back_step(
     a: Array,
     theta: float,
     top_n: int | None,
-) -> Kept:
-    """Score, normalise and keep the input channels of kernels `js` of one layer.
+) -> Step:
+    """Score and normalise the input channels of kernels `js` of one layer (SPEC §3).
 
     Args:
         kbar: ``[C_out, C_in/g]`` tap-mean weights of the layer.
-        js: selected output channels.
+        group: the conv's ``group``: a kernel sees only its group's input channels.
+        js: selected output channels, ascending.
         a: ``[C_in]`` input activations pooled over time and space (float64).
     """
     c_out, per_group = kbar.shape
     q = js // (c_out // group)
-    channels = q[:, None] * per_group + xp.arange(per_group)[None, :]
-    r = minmax(xp, kbar[js] * a[channels])
-    row, m = xp.nonzero(select(xp, r, theta, top_n))
-    return Kept(row, channels[row, m], r[row, m])
+    r = kbar[js]  # a fresh copy: normalised in place below
+    r *= a[None, :] if group == 1 else a.reshape(group, per_group)[q]
+    lo = r.min(axis=1, keepdims=True)
+    span = r.max(axis=1, keepdims=True) - lo
+    flat = span[:, 0] == 0
+    r -= lo
+    r /= xp.where(span == 0, 1.0, span)
+    if bool(flat.any()):
+        r[flat] = 1.0  # one input, or all equal: every channel is as relevant (SPEC §3)
+    return Step(js, q, r, theta, top_n)
+
+
+def to_host(a: Array) -> Any:
+    get = getattr(a, "get", None)
+    return get() if callable(get) else a
 
 
 def expand_csr(
