@@ -182,7 +182,12 @@ def test_torch_zoo_pyramid_links_are_real_dependencies(torch_exports, name: str)
         assert grouped & {p.layers[i] for i in p.node_layer.tolist()}, "no grouped layer reached"
 
 
-@pytest.mark.parametrize("name", ["slowfast_r50", "x3d_m"])
+FAST_DYNAMO = ["slowfast_r50", "x3d_m"]
+SLOW_DYNAMO = [pytest.param(n, marks=pytest.mark.slow) for n in sorted(TORCH_REDUCED)]
+SLOW_DYNAMO = [p for p in SLOW_DYNAMO if p.values[0] not in FAST_DYNAMO]
+
+
+@pytest.mark.parametrize("name", FAST_DYNAMO + SLOW_DYNAMO)
 def test_dynamo_graph_gives_the_same_pyramid(torch_exports, name: str) -> None:
     _, script = torch_exports(name)
     _, dynamo = torch_exports(name, dynamo=True)
@@ -212,14 +217,19 @@ def test_keras_zoo_models_explain(tmp_path: Path, name: str) -> None:
             assert order.index(child) == order.index(parent) - 1
 
 
-@pytest.mark.parametrize("name", TWINS)
-def test_twins_give_the_same_pyramid(tmp_path: Path, name: str) -> None:
+TWIN_CASES = [(n, 3) for n in TWINS] + [
+    pytest.param(n, seed, marks=pytest.mark.slow) for n in TWINS for seed in (4, 5, 6)
+]
+
+
+@pytest.mark.parametrize("name, seed", TWIN_CASES)
+def test_twins_give_the_same_pyramid(tmp_path: Path, name: str, seed: int) -> None:
     from cfp_onnx.exporters.tensorflow import export_keras
 
-    pair = twin(name)
+    pair = twin(name, seed=seed)
     export_torch(pair.torch_model, TORCH_SHAPE, tmp_path / "t.onnx")
     export_keras(pair.keras_model, tmp_path / "k.onnx")
-    x = clip(TORCH_SHAPE, seed=3)
+    x = clip(TORCH_SHAPE, seed=seed)
     x_last = np.ascontiguousarray(x.transpose(0, 2, 3, 4, 1))
     pt = Explainer(tmp_path / "t.onnx", clip_shape=x.shape).explain(x, theta=THETA)
     pk = Explainer(tmp_path / "k.onnx", clip_shape=x_last.shape).explain(x_last, theta=THETA)
