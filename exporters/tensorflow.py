@@ -155,9 +155,13 @@ def _signature(saved: Any) -> Any:
     if "serving_default" not in signatures:
         raise ModelError("SavedModel has no 'serving_default' signature")
     fn = signatures["serving_default"]
-    (key,) = fn.structured_input_signature[1].keys() or (None,)
-    if key is None:
-        raise ModelError("SavedModel's serving signature takes no named input")
+    keys = list(fn.structured_input_signature[1].keys())
+    if len(keys) != 1:
+        raise ModelError(
+            f"SavedModel's serving signature takes {len(keys)} named inputs {keys}; "
+            "cfp_onnx needs one video input"
+        )
+    key = keys[0]
 
     def call(clip: tf.Tensor) -> Any:
         out = fn(**{key: clip})
