@@ -28,7 +28,7 @@ from cfp_onnx.loading import (
 )
 from cfp_onnx.provenance import Csr, Provenance, trace
 from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
-from cfp_onnx.relevance import HEAD_MODES, tap_means
+from cfp_onnx.relevance import HEAD_MODES
 from cfp_onnx.runtime import Session
 from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
 from cfp_onnx.xp import array_module
@@ -78,7 +78,8 @@ class Explainer:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.input_shape = resolve_input_shape(self.loaded.proto, clip_shape)
         proto = analysis_proto(self.loaded, self.input_shape)
-        self.graph = graph_mod.parse(proto)
+        self.graph = graph_mod.parse(proto, self.loaded.external)
+        del proto
         self.head = graph_mod.find_head(self.graph, output)
         self.layers = graph_mod.find_layers(self.graph, self.head)
         self.layer_index = {layer.node: i for i, layer in enumerate(self.layers)}
@@ -159,7 +160,11 @@ class Explainer:
         if key not in self._sessions:
             proto = instrument(self.loaded.proto, taps)
             self._sessions[key] = Session(
-                proto, self.loaded.external, device=self.device, threads=self.threads
+                proto,
+                self.loaded.external,
+                base=self.loaded.path.parent,
+                device=self.device,
+                threads=self.threads,
             )
         return self._sessions[key]
 
@@ -288,7 +293,7 @@ class Explainer:
             lay, csr, xp = self.layers[layer], self.input_csr(layer), self.xp
             injective = len(np.unique(csr.kernels)) == len(csr.kernels)
             self._steps[layer] = LayerStep(
-                tap_means(xp, lay.weight),
+                xp.asarray(lay.tap_means()),
                 lay.group,
                 xp.asarray(csr.indptr),
                 xp.asarray(csr.kernels),

@@ -5,8 +5,9 @@ Built once from the analysis proto (static, folded); everything downstream reads
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -71,14 +72,47 @@ class Graph:
         return self.shapes[tensor]
 
 
-def parse(proto: onnx.ModelProto) -> Graph:
-    """Build the Graph of a static, folded proto (see loading.analysis_proto)."""
+class Constants(Mapping[str, np.ndarray]):
+    """Constant values by name; weights left on disk are read when asked, never kept."""
+
+    def __init__(self, inline: dict[str, np.ndarray], external: Mapping[str, Any]) -> None:
+        self.inline = inline
+        self.external = external
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.inline:
+            return self.inline[name]
+        return self.external[name].read()  # type: ignore[no-any-return]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.inline or name in self.external
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.inline
+        yield from (k for k in self.external if k not in self.inline)
+
+    def __len__(self) -> int:
+        return len(set(self.inline) | set(self.external))
+
+
+def parse(proto: onnx.ModelProto, external: Mapping[str, Any] | None = None) -> Graph:
+    """Build the Graph of a static, folded proto (see loading.analysis_proto).
+
+    `external` maps initializers whose bytes stay on disk to readers (loading.ExternalTensor).
+    """
     g = proto.graph
-    constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    ext = {
+        t.name: external[t.name]
+        for t in g.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL and external and t.name in external
+    }
+    inline: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t) for t in g.initializer if t.name not in ext
+    }
     nodes: list[Node] = []
     for n in _toposort(g):
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            constants[n.output[0]] = _constant_value(n)
+            inline[n.output[0]] = _constant_value(n)
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         nodes.append(
@@ -89,8 +123,11 @@ def parse(proto: onnx.ModelProto) -> Graph:
         dims = vi.type.tensor_type.shape.dim
         if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
-    for k, v in constants.items():
+    for k, v in inline.items():
         shapes[k] = tuple(v.shape)
+    for k, e in ext.items():
+        shapes[k] = tuple(e.shape)
+    constants = Constants(inline, ext)
     inits = {t.name for t in g.initializer}
     inputs = [i.name for i in g.input if i.name not in inits]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -231,14 +268,14 @@ def _is_dense(graph: Graph, node: Node) -> bool:
         return False
     if node.op_type == "Gemm":
         return graph.is_const(node.inputs[1]) and not node.attrs.get("transA", 0)
-    return graph.is_const(node.inputs[1]) and graph.const(node.inputs[1]).ndim == 2
+    return graph.is_const(node.inputs[1]) and len(graph.shape(node.inputs[1])) == 2
 
 
 def _is_logits_conv(graph: Graph, node: Node) -> bool:
     if node.op_type not in CONV or not graph.is_const(node.inputs[1]):
         return False
-    w = graph.const(node.inputs[1])
-    return all(k == 1 for k in w.shape[2:]) and int(node.attrs.get("group", 1)) == 1
+    shape = graph.shape(node.inputs[1])
+    return all(k == 1 for k in shape[2:]) and int(node.attrs.get("group", 1)) == 1
 
 
 def _dense_weight(graph: Graph, node: Node) -> tuple[np.ndarray, str, int]:
@@ -280,18 +317,35 @@ class Layer:
     node: str
     input: str  # the activation it reads, looking through Pad
     output: str
-    weight: np.ndarray  # as stored: [C_out, C_in/g, *taps]
+    weight_shape: tuple[int, ...]  # as stored: [C_out, C_in/g, *taps]
     group: int
     kernel_shape: tuple[int, ...]
     strides: tuple[int, ...]
+    load: Callable[[], np.ndarray] = field(repr=False, compare=False)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The stored weight, read from its file on each call (weights are not kept)."""
+        return self.load()
+
+    def tap_means(self) -> np.ndarray:
+        """``k[j, m]``: kernel j's weight for input m averaged over its taps (SPEC §3).
+
+        Several taps: averaged in float64. One tap (1x1x1): the stored weight itself, kept
+        in its own dtype (exact, half the memory); the back-step widens it per use.
+        """
+        w = self.weight
+        if int(np.prod(w.shape[2:])) == 1:
+            return w.reshape(w.shape[0], w.shape[1])
+        return w.reshape(w.shape[0], w.shape[1], -1).mean(axis=2, dtype=np.float64)
 
     @property
     def c_out(self) -> int:
-        return int(self.weight.shape[0])
+        return int(self.weight_shape[0])
 
     @property
     def c_in(self) -> int:
-        return int(self.weight.shape[1]) * self.group
+        return int(self.weight_shape[1]) * self.group
 
 
 def find_layers(graph: Graph, head: Head) -> tuple[Layer, ...]:
@@ -317,12 +371,14 @@ def find_layers(graph: Graph, head: Head) -> tuple[Layer, ...]:
                 n.name,
                 _through_pad(graph, n.inputs[0]),
                 n.outputs[0],
-                w,
+                tuple(int(d) for d in w.shape),
                 int(n.attrs.get("group", 1)),
                 tuple(int(k) for k in w.shape[2:]),
                 tuple(int(s) for s in n.attrs.get("strides", [1] * (w.ndim - 2))),
+                partial(graph.const, n.inputs[1]),
             )
         )
+        del w  # one layer's weights in memory at a time
     if not layers:
         raise ModelError("the model has no Conv layer below its classifier; cfp explains conv nets")
     if not np.all(np.isfinite(head.weight)):

@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from cfp_onnx.errors import ClipError, ModelError
+from cfp_onnx.wire import strip_weights
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +28,57 @@ MAX_DIM = 1 << 20  # a declared dim beyond this is not a video model, it is an a
 
 
 @dataclass(frozen=True)
+class ExternalTensor:
+    """An initializer's bytes in a file: read one at a time, never all at once."""
+
+    file: Path
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def read(self) -> np.ndarray:
+        count = int(np.prod(self.shape)) if self.shape else 1
+        data = np.fromfile(self.file, dtype=self.dtype, count=count, offset=self.offset)
+        return data.reshape(self.shape)
+
+    def map(self) -> np.ndarray:
+        return np.memmap(
+            self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape
+        )
+
+
+@dataclass(frozen=True)
 class LoadedModel:
-    """A model read from disk, nodes named, external weights located but not loaded."""
+    """A model read from disk, nodes named, weights left in their files.
+
+    ``proto`` holds the graph; every large initializer in it is an external-data
+    reference (to the model file itself for weights stored inline), so neither the
+    analysis nor the instrumented run ever holds a second copy of the weights.
+    """
 
     path: Path
     proto: onnx.ModelProto
-    external: dict[str, np.ndarray]  # initializer name -> memory-mapped weights
+    external: dict[str, ExternalTensor]  # initializer name -> where its bytes are
 
     @property
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Files the external references name, relative to the model's folder."""
+        return tuple(
+            sorted(
+                {
+                    str(e.file.relative_to(self.path.parent.resolve()))
+                    for e in self.external.values()
+                }
+            )
+        )
+
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Read, check and name an ONNX model; external data is memory-mapped, never inlined.
+    """Read, check and name an ONNX model; weights stay on disk.
 
     Raises:
         ModelError: missing, unreadable or malformed file, or unsafe external data.
@@ -51,7 +89,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
             f"model {str(p)!r} does not exist or is not a file; pass a path to a .onnx model"
         )
     try:
-        proto = onnx.load(str(p), load_external_data=False)
+        proto, _ = strip_weights(p)
     except Exception as exc:
         raise ModelError(
             f"{p.name} is not a readable ONNX model ({type(exc).__name__}); export it with "
@@ -59,9 +97,9 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         ) from None
     if len(proto.graph.node) == 0:
         raise ModelError(f"{p.name} has an empty graph (no nodes); is it really an ONNX model?")
-    external = _map_external_data(proto, p.parent)
+    external = _locate_external_data(proto, p.parent)
     try:
-        onnx.checker.check_model(_without_external(proto))
+        onnx.checker.check_model(_checkable(proto))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{p.name} fails the ONNX checker: {first}") from None
@@ -70,23 +108,24 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     return LoadedModel(p, proto, external)
 
 
-def _without_external(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy the checker can read: external tensors replaced by empty placeholders, and
-    outputs of unknown shape (after a custom op) given an empty one the checker accepts."""
+def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy the checker can read without the weights: external initializers become graph
+    inputs of the same type, and outputs of unknown shape (after a custom op) get one."""
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     for out in copy.graph.output:
         if out.type.HasField("tensor_type") and not out.type.tensor_type.HasField("shape"):
             out.type.tensor_type.shape.SetInParent()
+    inline = []
     for t in copy.graph.initializer:
         if _is_external(t):
-            dims, dtype, name = list(t.dims), t.data_type, t.name
-            t.Clear()
-            t.name, t.data_type = name, dtype
-            t.dims.extend(dims)
-            t.raw_data = b"\0" * (
-                int(np.prod(dims)) * onnx.helper.tensor_dtype_to_np_dtype(dtype).itemsize
+            copy.graph.input.append(
+                onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
             )
+        else:
+            inline.append(t)
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(inline)
     return copy
 
 
@@ -94,9 +133,9 @@ def _is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
-def _map_external_data(proto: onnx.ModelProto, base: Path) -> dict[str, np.ndarray]:
-    """Memory-map each external tensor, refusing paths that leave the model's folder."""
-    out: dict[str, np.ndarray] = {}
+def _locate_external_data(proto: onnx.ModelProto, base: Path) -> dict[str, ExternalTensor]:
+    """Where each external tensor's bytes are, refusing paths that leave the model's folder."""
+    out: dict[str, ExternalTensor] = {}
     root = base.resolve()
     for t in proto.graph.initializer:
         if not _is_external(t):
@@ -112,11 +151,12 @@ def _map_external_data(proto: onnx.ModelProto, base: Path) -> dict[str, np.ndarr
         if not target.is_file():
             raise ModelError(f"external data file {loc!r} of initializer {t.name!r} is missing")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        count = int(np.prod(t.dims)) if len(t.dims) else 1
+        shape = tuple(int(d) for d in t.dims)
+        count = int(np.prod(shape)) if shape else 1
         offset = int(info.get("offset", 0))
         if offset + count * dtype.itemsize > target.stat().st_size:
             raise ModelError(f"external data file {loc!r} is too short for initializer {t.name!r}")
-        out[t.name] = np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=tuple(t.dims))
+        out[t.name] = ExternalTensor(target, offset, dtype, shape)
     return out
 
 
@@ -199,9 +239,8 @@ def analysis_proto(loaded: LoadedModel, input_shape: tuple[int, ...]) -> onnx.Mo
     proto = onnx.ModelProto()
     proto.CopyFrom(loaded.proto)
     for t in proto.graph.initializer:
-        if t.name in loaded.external:
-            arr = np.ascontiguousarray(loaded.external[t.name])
-            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+        if t.name in _foldable_inputs(proto, loaded.external):
+            t.CopyFrom(numpy_helper.from_array(loaded.external[t.name].read(), t.name))
     vi = graph_input(proto)
     shape = vi.type.tensor_type.shape
     for d, v in zip(shape.dim, input_shape):
@@ -213,6 +252,20 @@ def analysis_proto(loaded: LoadedModel, input_shape: tuple[int, ...]) -> onnx.Mo
     proto = _infer(proto)
     proto = _fold(proto)
     return _infer(proto)
+
+
+def _foldable_inputs(proto: onnx.ModelProto, external: dict[str, ExternalTensor]) -> set[str]:
+    """External tensors read by a node whose inputs are all constants: folding evaluates
+    those (a transposed weight in a TF graph, say), so they must be inline. Weights read by
+    convs and dense layers next to activations are not folded and stay on disk."""
+    consts = {t.name for t in proto.graph.initializer}
+    return {
+        i
+        for n in proto.graph.node
+        if all(not x or x in consts for x in n.input)
+        for i in n.input
+        if i in external
+    }
 
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:

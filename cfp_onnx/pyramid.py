@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from types import ModuleType
 from typing import Any
 
@@ -210,18 +210,22 @@ def _children(p: Pyramid) -> dict[int, list[Any]]:
 @dataclass(frozen=True)
 class LinkBlock:
     """The links out of one layer's back-step, factored: parent ``parent[row]`` keeps input
-    ``channel`` with ``score``; its children are the kernels that channel carries."""
+    ``channel`` with ``score``; its children are the kernels that channel carries.
+
+    The dense score matrix is not kept (tens of MB on a ResNet-50): the step is recomputed,
+    identically, the first time its links or kept channels are asked for.
+    """
 
     xp: ModuleType
     parents: Array  # kernel ids of the step's rows
-    step: Step
+    step: Callable[[], Step]
     indptr: Array  # the layer's input provenance
     kernels: Array
     injective: bool  # no kernel feeds two channels: (parent, child) pairs are unique
 
     @cached_property
     def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        row, channel, score = self.step.kept(self.xp)
+        row, channel, score = self.step().kept(self.xp)
         return to_numpy(row), to_numpy(channel), to_numpy(score)
 
     @property
@@ -354,7 +358,10 @@ def _level(
         kids = frontier[layer_of == layer]
         step = inp.steps(layer)
         pooled = inp.pooled(layer)
-        s = back_step(xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n)
+        redo = partial(
+            back_step, xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n
+        )
+        s = redo()
         best = s.column_max(xp, len(pooled))
         chans = xp.flatnonzero(best > -xp.inf)
         entry, child = expand_csr(xp, step.indptr, step.kernels, chans)
@@ -363,5 +370,5 @@ def _level(
         else:
             _scatter_max(xp, incoming, child, best[chans][entry])
         reached.append(child)
-        blocks.append(LinkBlock(xp, kids, s, step.indptr, step.kernels, step.injective))
+        blocks.append(LinkBlock(xp, kids, redo, step.indptr, step.kernels, step.injective))
     return xp.unique(xp.concatenate(reached)) if reached else xp.zeros(0, dtype=xp.int64)

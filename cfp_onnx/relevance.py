@@ -47,12 +47,6 @@ def head_scores(xp: ModuleType, weight: Array, features: Array, label: int, mode
     return minmax(xp, (weight[label] - others.mean(axis=0)) * features)
 
 
-def tap_means(xp: ModuleType, weight: Array) -> Array:
-    """``k[j, m]``: each kernel's weight for input m, averaged over its taps, in float64."""
-    w = xp.asarray(weight, dtype=xp.float64)
-    return w.reshape(w.shape[0], w.shape[1], -1).mean(axis=2)
-
-
 @dataclass(frozen=True)
 class Step:
     """One layer's back-step for its selected kernels, kept dense: row i is kernel ``js[i]``,
@@ -127,7 +121,7 @@ def back_step(
     """
     c_out, per_group = kbar.shape
     q = js // (c_out // group)
-    r = kbar[js]  # a fresh copy: normalised in place below
+    r = kbar[js].astype(xp.float64, copy=False)  # a fresh copy: normalised in place below
     r *= a[None, :] if group == 1 else a.reshape(group, per_group)[q]
     lo = r.min(axis=1, keepdims=True)
     span = r.max(axis=1, keepdims=True) - lo

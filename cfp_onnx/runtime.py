@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from cfp_onnx.errors import ModelError, OptionError
+from cfp_onnx.loading import ExternalTensor
 
 log = logging.getLogger(__name__)
 
@@ -43,49 +47,104 @@ def _provider_options(device: str) -> list[dict[str, str]]:
 
 
 class Session:
-    """An onnxruntime session over an (instrumented) model whose big weights may live on disk."""
+    """An onnxruntime session over an (instrumented) model whose weights stay in their files.
+
+    The instrumented graph is small (its large initializers are external references). It is
+    written to a private folder created next to the model, holding hard links to the weight
+    files, so onnxruntime maps the weights from disk exactly as for the original model: no
+    second copy in memory. Where that folder cannot be made (read-only folder, another
+    file system), the weights are handed over from memory-mapped files instead (onnxruntime
+    copies them: more memory, same results).
+    """
 
     def __init__(
         self,
         proto: onnx.ModelProto,
-        external: Mapping[str, np.ndarray] | None = None,
+        external: Mapping[str, ExternalTensor] | None = None,
         *,
+        base: Path | None = None,
         device: str = "cpu",
         threads: int | None = None,
     ) -> None:
-        providers = providers_for(device, ort.get_available_providers())
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        external = external or {}
-        if external:
-            # The weights stay memory-mapped; onnxruntime copies them in, no 2 GB protobuf.
-            self._values = [
-                ort.OrtValue.ortvalue_from_numpy(np.asarray(v)) for v in external.values()
-            ]
-            opts.add_external_initializers(list(external), self._values)
-        try:
-            self._session = ort.InferenceSession(
-                proto.SerializeToString(),
-                sess_options=opts,
-                providers=providers,
-                provider_options=_provider_options(device),
-            )
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"onnxruntime cannot load the model: {first}") from None
+        self._providers = providers_for(device, ort.get_available_providers())
+        self._device = device
+        self._threads = threads
+        external = dict(external or {})
+        if external and base is not None:
+            try:
+                self._session = self._linked(proto, external, base)
+            except OSError as exc:
+                log.info("weights handed over from memory (%s)", exc)
+                self._session = self._in_memory(proto, external)
+        else:
+            self._session = self._create(proto.SerializeToString(), self._options())
         self.input_name = self._session.get_inputs()[0].name
         self.output_names = tuple(o.name for o in self._session.get_outputs())
+
+    def _options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        # No arena: activations go back to the OS after the run instead of staying reserved,
+        # so the pyramid built next reuses that memory (peak = max, not sum).
+        opts.enable_cpu_mem_arena = False
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        return opts
+
+    def _create(self, model: bytes | str, opts: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                model,
+                sess_options=opts,
+                providers=self._providers,
+                provider_options=_provider_options(self._device),
+            )
+        except OSError:
+            raise
+        except Exception as exc:  # onnxruntime's Fail, InvalidGraph, NotImplemented, ...
+            raise ModelError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+
+    def _linked(
+        self, proto: onnx.ModelProto, external: Mapping[str, ExternalTensor], base: Path
+    ) -> ort.InferenceSession:
+        root = base.resolve()
+        tmp = Path(tempfile.mkdtemp(prefix=".cfp-", dir=root))
+        try:
+            for file in {e.file for e in external.values()}:
+                link = tmp / file.relative_to(root)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.link(file, link)
+            model = tmp / "cfp-instrumented.onnx"
+            model.write_bytes(proto.SerializeToString())
+            return self._create(str(model), self._options())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _in_memory(
+        self, proto: onnx.ModelProto, external: Mapping[str, ExternalTensor]
+    ) -> ort.InferenceSession:
+        opts = self._options()
+        values = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(e.map()))
+            for e in external.values()
+        ]
+        opts.add_external_initializers(list(external), values)
+        return self._create(proto.SerializeToString(), opts)
 
     def run(self, clip: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(outputs or self.output_names)
         try:
             values = self._session.run(names, {self.input_name: clip})
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"onnxruntime failed to run the model on this clip: {first}") from None
+            raise ModelError(
+                f"onnxruntime failed to run the model on this clip: {_first_line(exc)}"
+            ) from None
         return dict(zip(names, values))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cpu_count() -> int:

@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from cfp_onnx.api import Explainer
+from cfp_onnx.loading import name_nodes
 
 Kernel = tuple[str, int]
 
@@ -22,8 +23,8 @@ def perturbation_truth(
     ex: Explainer, clip: np.ndarray, *, trials: int = 2, seed: int = 0
 ) -> tuple[dict[str, list[set[Kernel]]], list[set[Kernel]]]:
     """(layer -> per input channel, the kernels it carries), (per head feature, same)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(ex.loaded.proto)
+    proto = onnx.load(str(ex.loaded.path))  # weights inline: this oracle runs from bytes
+    name_nodes(proto)
     layers = ex.layers
     watch = [lay.input for lay in layers] + [ex.head.input]
     watch = list(dict.fromkeys(watch))

@@ -25,9 +25,11 @@ def _external_copy(src, folder, location="weights.bin"):
 def test_external_data_model_explains_like_embedded(exported, tmp_path):
     _, path = exported("residual")
     ext = _external_copy(path, tmp_path / "ext")
+    inline = load_model(path)  # weights stored inside the .onnx: referenced in place
+    assert {e.file for e in inline.external.values()} == {path.resolve()}
     loaded = load_model(ext)
-    assert loaded.external, "weights should be memory-mapped, not inlined"
-    assert all(isinstance(v, np.memmap) for v in loaded.external.values())
+    assert loaded.external, "weights should stay in their file, not be inlined"
+    assert {e.file.name for e in loaded.external.values()} == {"weights.bin"}
     assert not any(t.raw_data for t in loaded.proto.graph.initializer if t.name in loaded.external)
     clip = np.random.default_rng(0).standard_normal(nets.CLIP).astype(np.float32)
     a = Explainer(path, clip_shape=clip.shape).explain(clip, theta=0.5)
@@ -109,3 +111,35 @@ def test_dynamic_dims_without_clip_are_an_error(tmp_path):
     with pytest.raises(ModelError, match="dynamic dims"):
         Explainer(path)
     assert Explainer(path, clip_shape=(1, 3, 6, 8, 8)).input_shape == (1, 3, 6, 8, 8)
+
+
+def test_read_only_model_folder_falls_back_to_memory(exported, tmp_path, monkeypatch):
+    """Where no private folder can be made next to the model, weights are handed over from
+    memory-mapped files: same logits, same pyramid."""
+    import os
+
+    _, path = exported("residual")
+    clip = np.random.default_rng(0).standard_normal(nets.CLIP).astype(np.float32)
+    want = Explainer(path, clip_shape=clip.shape).explain(clip, theta=0.5)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(os, "link", refuse)
+    got = Explainer(path, clip_shape=clip.shape).explain(clip, theta=0.5)
+    np.testing.assert_array_equal(want.logits, got.logits)
+    np.testing.assert_array_equal(want.node_relevance, got.node_relevance)
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".cfp-")]
+
+
+def test_random_bytes_and_non_model_protobufs(tmp_path):
+    (tmp_path / "rand.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    g = onnx.helper.make_graph([], "g", [], [])
+    (tmp_path / "nograph.onnx").write_bytes(onnx.helper.make_model(g).SerializeToString())
+    (tmp_path / "tensor.onnx").write_bytes(
+        onnx.numpy_helper.from_array(np.zeros(3, np.float32)).SerializeToString()
+    )
+    for name in ("rand.onnx", "empty.onnx", "nograph.onnx", "tensor.onnx"):
+        with pytest.raises(ModelError):
+            load_model(tmp_path / name)
