@@ -32,7 +32,6 @@ THETA, DEPTH = 0.55, 3
 
 def build_model(path: Path, width: float, frames: int, size: int) -> None:
     import torch
-
     from cfp_onnx.exporters.zoo.torch_models import randomize_batchnorm, resnet50_3d
 
     torch.manual_seed(0)
@@ -70,7 +69,11 @@ def naive_backstep(ex, run, label: int, depth: int, theta: float) -> int:  # typ
     head = ex.head_csr
     frontier = [int(k) for f in feats for k in head.kernels[head.indptr[f] : head.indptr[f + 1]]]
     weights = {i: torch.from_numpy(lay.weight).double() for i, lay in enumerate(ex.layers)}
-    pooled = {i: torch.from_numpy(run.pooled[lay.input]) for i, lay in enumerate(ex.layers) if lay.input in run.pooled}
+    pooled = {
+        i: torch.from_numpy(run.pooled[lay.input])
+        for i, lay in enumerate(ex.layers)
+        if lay.input in run.pooled
+    }
     expansions = 0
     for _ in range(depth - 1):
         nxt = []
@@ -128,7 +131,9 @@ def peak(mode: str, model: Path, frames: int, size: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--size", type=int, default=112)
@@ -164,19 +169,29 @@ def main() -> None:
         mem_plain = peak("plain", path, args.frames, args.size)
         mem_explain = peak("explain", path, args.frames, args.size)
 
-    print(f"model: ResNet-50-3D width {args.width}, {len(ex.layers)} conv layers, 400 classes; "
-          f"clip 1x3x{args.frames}x{args.size}x{args.size}; theta {THETA}, depth {DEPTH}")
-    print(f"pyramid: {len(p.node_layer)} kernels, {len(p.link_source)} links; per depth "
-          + ", ".join(f"d{d}={k}" for d, k, _, _ in p.summary()))
+    print(
+        f"model: ResNet-50-3D width {args.width}, {len(ex.layers)} conv layers, 400 classes; "
+        f"clip 1x3x{args.frames}x{args.size}x{args.size}; theta {THETA}, depth {DEPTH}"
+    )
+    print(
+        f"pyramid: {len(p.node_layer)} kernels, {len(p.link_source)} links; per depth "
+        + ", ".join(f"d{d}={k}" for d, k, _, _ in p.summary())
+    )
     print(f"analysis (once per model, not in explain): {setup * 1e3:.0f} ms")
     print(f"plain forward:            {plain * 1e3:9.1f} ms   (baseline)")
-    print(f"explain (forward+pyramid):{explain * 1e3:9.1f} ms   {explain / plain:.3f}x plain forward  [target <= 1.2x]")
+    print(
+        f"explain (forward+pyramid):{explain * 1e3:9.1f} ms   {explain / plain:.3f}x plain forward  [target <= 1.2x]"
+    )
     print(f"back-step, depth 3:       {back * 1e3:9.2f} ms   [target < 50 ms]")
     print(f"back-step, depth 2:       {back2 * 1e3:9.2f} ms")
-    print(f"naive back-step, depth 2: {naive2 * 1e3:9.1f} ms   ({expansions} kernel expansions) "
-          f"{naive2 / back2:.0f}x slower than ours at depth 2  [target >= 1000x]")
+    print(
+        f"naive back-step, depth 2: {naive2 * 1e3:9.1f} ms   ({expansions} kernel expansions) "
+        f"{naive2 / back2:.0f}x slower than ours at depth 2  [target >= 1000x]"
+    )
     print(f"peak memory, plain:       {mem_plain:9.1f} MB")
-    print(f"peak memory, explain:     {mem_explain:9.1f} MB   {mem_explain / mem_plain:.3f}x plain  [target <= 1.3x]")
+    print(
+        f"peak memory, explain:     {mem_explain:9.1f} MB   {mem_explain / mem_plain:.3f}x plain  [target <= 1.3x]"
+    )
 
 
 if __name__ == "__main__":
