@@ -9,9 +9,11 @@ relevances never need the flat link list, which is expanded only when asked for.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property, lru_cache, partial
 from types import ModuleType
 from typing import Any
 
@@ -329,6 +331,11 @@ def build(
     }
 
 
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cfp")
+
+
 def _scatter_max(xp: ModuleType, target: Array, index: Array, values: Array) -> None:
     """``target[index] = max(target[index], values)`` with repeated indices (no ufunc.at on CuPy)."""
     if len(index) == 0:
@@ -351,18 +358,29 @@ def _level(
     incoming: Array,
     blocks: list[LinkBlock],
 ) -> Array:
-    """Expand every frontier kernel, one vectorised back-step per layer; return the children."""
+    """Expand every frontier kernel, one vectorised back-step per layer; return the children.
+
+    The layers' steps are independent and NumPy releases the GIL in their large array
+    ops, so on the CPU they run on a small thread pool; merging stays sequential.
+    """
     layer_of = xp.searchsorted(offsets, frontier, side="right") - 1
-    reached = []
-    for layer in to_numpy(xp.unique(layer_of)).tolist():
-        kids = frontier[layer_of == layer]
+
+    def one(task: tuple[int, Array]) -> tuple[Array, Callable[[], Step], LayerStep, Array]:
+        layer, kids = task
         step = inp.steps(layer)
         pooled = inp.pooled(layer)
         redo = partial(
             back_step, xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n
         )
-        s = redo()
-        best = s.column_max(xp, len(pooled))
+        return kids, redo, step, redo().column_max(xp, len(pooled))
+
+    tasks = [(la, frontier[layer_of == la]) for la in to_numpy(xp.unique(layer_of)).tolist()]
+    if xp is np and len(tasks) > 1:
+        results = list(_pool().map(one, tasks))
+    else:
+        results = [one(task) for task in tasks]
+    reached = []
+    for kids, redo, step, best in results:
         chans = xp.flatnonzero(best > -xp.inf)
         entry, child = expand_csr(xp, step.indptr, step.kernels, chans)
         if step.injective:
