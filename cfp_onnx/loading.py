@@ -31,10 +31,11 @@ MAX_DIM = 1 << 20  # a declared dim beyond this is not a video model, it is an a
 class ExternalTensor:
     """An initializer's bytes in a file: read one at a time, never all at once."""
 
-    file: Path
+    file: Path  # resolved
     offset: int
     dtype: np.dtype
     shape: tuple[int, ...]
+    location: str  # as the model names it, relative to the model's folder
 
     def read(self) -> np.ndarray:
         count = int(np.prod(self.shape)) if self.shape else 1
@@ -64,18 +65,6 @@ class LoadedModel:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def files(self) -> tuple[str, ...]:
-        """Files the external references name, relative to the model's folder."""
-        return tuple(
-            sorted(
-                {
-                    str(e.file.relative_to(self.path.parent.resolve()))
-                    for e in self.external.values()
-                }
-            )
-        )
-
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Read, check and name an ONNX model; weights stay on disk.
@@ -89,7 +78,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
             f"model {str(p)!r} does not exist or is not a file; pass a path to a .onnx model"
         )
     try:
-        proto, _ = strip_weights(p)
+        proto, own = strip_weights(p)
     except Exception as exc:
         raise ModelError(
             f"{p.name} is not a readable ONNX model ({type(exc).__name__}); export it with "
@@ -97,7 +86,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         ) from None
     if len(proto.graph.node) == 0:
         raise ModelError(f"{p.name} has an empty graph (no nodes); is it really an ONNX model?")
-    external = _locate_external_data(proto, p.parent)
+    external = _locate_external_data(proto, p, set(own))
     try:
         onnx.checker.check_model(_checkable(proto))
     except Exception as exc:
@@ -133,17 +122,23 @@ def _is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
-def _locate_external_data(proto: onnx.ModelProto, base: Path) -> dict[str, ExternalTensor]:
-    """Where each external tensor's bytes are, refusing paths that leave the model's folder."""
+def _locate_external_data(
+    proto: onnx.ModelProto, model: Path, own: set[str]
+) -> dict[str, ExternalTensor]:
+    """Where each external tensor's bytes are, refusing paths that leave the model's folder.
+
+    `own` are the initializers stored inside the model file itself (see wire.strip_weights):
+    they point at the file the user named, wherever a symlink to it leads.
+    """
     out: dict[str, ExternalTensor] = {}
-    root = base.resolve()
+    root = model.parent.resolve()
     for t in proto.graph.initializer:
         if not _is_external(t):
             continue
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
-        target = (root / loc).resolve()
-        if not loc or os.path.isabs(loc) or root not in target.parents:
+        target = model.resolve() if t.name in own else (root / loc).resolve()
+        if t.name not in own and (not loc or os.path.isabs(loc) or root not in target.parents):
             raise ModelError(
                 f"initializer {t.name!r} points to external data {loc!r} outside the model's "
                 "folder; refusing to read it (keep weight files next to the model)"
@@ -156,7 +151,7 @@ def _locate_external_data(proto: onnx.ModelProto, base: Path) -> dict[str, Exter
         offset = int(info.get("offset", 0))
         if offset + count * dtype.itemsize > target.stat().st_size:
             raise ModelError(f"external data file {loc!r} is too short for initializer {t.name!r}")
-        out[t.name] = ExternalTensor(target, offset, dtype, shape)
+        out[t.name] = ExternalTensor(target, offset, dtype, shape, loc)
     return out
 
 

@@ -107,14 +107,15 @@ class Session:
     def _linked(
         self, proto: onnx.ModelProto, external: Mapping[str, ExternalTensor], base: Path
     ) -> ort.InferenceSession:
-        root = base.resolve()
-        tmp = Path(tempfile.mkdtemp(prefix=".cfp-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=".cfp-", dir=base.resolve()))
         try:
-            for file in {e.file for e in external.values()}:
-                link = tmp / file.relative_to(root)
+            for location, file in {(e.location, e.file) for e in external.values()}:
+                link = tmp / location
                 link.parent.mkdir(parents=True, exist_ok=True)
                 os.link(file, link)
             model = tmp / "cfp-instrumented.onnx"
+            while model.exists():  # a weight file of that very name
+                model = model.with_name("_" + model.name)
             model.write_bytes(proto.SerializeToString())
             return self._create(str(model), self._options())
         finally:

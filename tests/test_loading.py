@@ -143,3 +143,23 @@ def test_random_bytes_and_non_model_protobufs(tmp_path):
     for name in ("rand.onnx", "empty.onnx", "nograph.onnx", "tensor.onnx"):
         with pytest.raises(ModelError):
             load_model(tmp_path / name)
+
+
+def test_symlinked_model_file_is_read_where_it_points(exported, tmp_path):
+    """Inline weights are referenced in the file the user named, even through a symlink to
+    another folder; a symlinked *external data* file leaving the folder is still refused."""
+    _, path = exported("plain")
+    link_dir = tmp_path / "links"
+    link_dir.mkdir()
+    (link_dir / "model.onnx").symlink_to(path)
+    clip = np.random.default_rng(0).standard_normal(nets.CLIP).astype(np.float32)
+    a = Explainer(path, clip_shape=clip.shape).explain(clip)
+    b = Explainer(link_dir / "model.onnx", clip_shape=clip.shape).explain(clip)
+    assert b.model == "model.onnx"
+    np.testing.assert_array_equal(a.node_relevance, b.node_relevance)
+    ext = _external_copy(path, tmp_path / "ext")
+    outside = tmp_path / "outside.bin"
+    (tmp_path / "ext" / "weights.bin").rename(outside)
+    (tmp_path / "ext" / "weights.bin").symlink_to(outside)
+    with pytest.raises(ModelError, match="outside the model's folder"):
+        load_model(ext)
