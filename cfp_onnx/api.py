@@ -26,11 +26,13 @@ from cfp_onnx.loading import (
     load_model,
     resolve_input_shape,
 )
+from cfp_onnx.modelinfo import class_names, preprocess_for
 from cfp_onnx.provenance import Csr, Provenance, trace
 from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
 from cfp_onnx.relevance import HEAD_MODES
 from cfp_onnx.runtime import Session
 from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
+from cfp_onnx.video import load_clip
 from cfp_onnx.xp import array_module
 
 log = logging.getLogger(__name__)
@@ -329,10 +331,22 @@ def explain(
     output: str | None = None,
     device: str = "cpu",
 ) -> Pyramid:
-    """Explain one clip: ``cfp_onnx.explain("model.onnx", clip_array)``."""
+    """Explain one clip: ``cfp_onnx.explain("model.onnx", clip)``.
+
+    `clip` is an array in the model's layout (batch axis optional), a ``.npy`` file, or a
+    video file / frame folder, decoded and preprocessed as the model's metadata says.
+    """
     check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
-    arr = clip if isinstance(clip, np.ndarray) else load_array(clip)
-    explainer = Explainer(model, clip_shape=tuple(arr.shape), output=output, device=device)
+    loaded = load_model(model)
+    arr = clip if isinstance(clip, np.ndarray) else _read_clip(clip, loaded)
+    explainer = Explainer(loaded, clip_shape=tuple(arr.shape), output=output, device=device)
     return explainer.explain(
-        arr, label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode
-    )
+        arr, label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode,
+        class_names=class_names(loaded),
+    )  # fmt: skip
+
+
+def _read_clip(clip: str | os.PathLike[str], loaded: LoadedModel) -> np.ndarray:
+    if Path(clip).suffix.lower() == ".npy":
+        return load_array(clip)
+    return load_clip(clip, preprocess_for(loaded)).tensor

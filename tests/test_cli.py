@@ -154,3 +154,20 @@ def test_inspect_names_unsupported_ops(tmp_path):
     assert (
         "unsupported ops on the pyramid's paths:" in r.stdout and "op LpNormalization" in r.stdout
     )
+
+
+def test_python_api_reads_videos_with_the_models_preprocessing(tmp_path):
+    """cfp_onnx.explain on a video path decodes and preprocesses from model metadata, and
+    gives the pyramid of the same clip passed as an array."""
+    import cfp_onnx
+    from cfp_onnx.loading import load_model
+    from cfp_onnx.modelinfo import preprocess_for
+    from cfp_onnx.synthetic import demo_clip
+    from cfp_onnx.video import load_clip, write_video
+
+    model = Path(cfp_onnx.__file__).parent / "assets" / "demo.onnx"
+    write_video(tmp_path / "c.avi", demo_clip(0).frames)
+    a = cfp_onnx.explain(model, tmp_path / "c.avi")
+    tensor = load_clip(tmp_path / "c.avi", preprocess_for(load_model(model))).tensor
+    b = cfp_onnx.explain(model, tensor)
+    assert a.label_name == "move_right" and a.to_dict()["nodes"] == b.to_dict()["nodes"]
