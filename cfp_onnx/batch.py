@@ -1,0 +1,623 @@
+"""Many clips, one model: per-clip pyramids, class pyramids, a summary CSV (``cfp batch``).
+
+The output folder is the run's state, so a run can be stopped and resumed:
+
+- ``clips/<clip-id>/`` holds ``pyramid.json`` (SPEC §5) and ``clip.json`` (source,
+  predicted and true label); each folder appears whole (staged, then renamed), and a
+  clip whose folder exists is done: a re-run skips it.
+- ``classes/<label>/`` holds ``class_pyramid.json`` and ``report.html``: for each kernel,
+  the share of the class's clips whose pyramid holds it, its mean relevance over
+  those clips and its smallest depth.
+- ``summary.csv``: one row per finished clip.
+
+Class pyramids and the summary are rebuilt at the end of every run by streaming over
+the per-clip files in clip order (one clip in memory at a time, running sums in arrays
+keyed by kernel id): they equal an uninterrupted run's whatever was resumed, and
+whichever engine computed the clips.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+
+from cfp_onnx.api import Explainer, check_options, load_array
+from cfp_onnx.errors import CfpError, OptionError, OutputError
+from cfp_onnx.loading import LoadedModel, load_model
+from cfp_onnx.modelinfo import class_names, preprocess_for
+from cfp_onnx.outputs import staged_dir, write_file
+from cfp_onnx.video import (
+    IMAGE_EXTENSIONS,
+    TENSOR_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    load_clip,
+    natural_key,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "batch.json"
+LABEL_MODES = ("predicted", "true")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class ClipTask:
+    """One clip to explain: a file-system-safe id, its path, and its true label if known."""
+
+    id: str
+    path: str
+    label: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoding:
+    """How non-``.npy`` clips are decoded: ``preprocess_for`` overrides and sampling."""
+
+    layout: str | None = None
+    frames: int | None = None
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    sampling: str = "uniform"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOptions:
+    """Pyramid options shared by every clip. ``label``: ``predicted``, ``true`` or a class."""
+
+    depth: int = 3
+    theta: float = 0.6
+    top_n: int | None = None
+    head_mode: str = "weights"
+    label: str | int = "predicted"
+
+    def check(self) -> None:
+        """Raises OptionError for an option outside the method's range."""
+        check_options(
+            depth=self.depth, theta=self.theta, top_n=self.top_n, head_mode=self.head_mode
+        )
+        if isinstance(self.label, str) and self.label not in LABEL_MODES:
+            raise OptionError(
+                f"label {self.label!r}: expected a class index, 'predicted' or 'true'"
+            )
+
+    def label_for(self, task: ClipTask) -> int | None:
+        """The class to explain for `task` (None: the prediction)."""
+        if self.label == "predicted":
+            return None
+        if self.label == "true":
+            return task.label
+        return int(self.label)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth, "theta": self.theta, "top_n": self.top_n,
+            "head_mode": self.head_mode, "label": self.label,
+        }  # fmt: skip
+
+
+def clip_id(path: Path) -> str:
+    """A folder name for a clip: its file name without suffix, reduced to safe characters."""
+    stem = path.name if path.is_dir() else path.stem
+    return _UNSAFE.sub("_", stem).strip("._-") or "clip"
+
+
+def is_clip(path: Path) -> bool:
+    """A ``.npy``, a video file, or a folder holding images (a clip of frames)."""
+    if path.name.startswith("."):
+        return False
+    if path.is_dir():
+        return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir())
+    return path.suffix.lower() in TENSOR_EXTENSIONS | VIDEO_EXTENSIONS
+
+
+def tasks_from(source: str | Path, names: Sequence[str] | None = None) -> list[ClipTask]:
+    """Clips of a folder (natural name order) or of a CSV with ``clip`` and ``label`` columns.
+
+    Raises:
+        OptionError: a missing source, an empty one, a bad CSV, or two clips with one id.
+    """
+    src = Path(source)
+    if src.is_dir():
+        paths = sorted((p for p in src.iterdir() if is_clip(p)), key=lambda p: natural_key(p.name))
+        tasks = [ClipTask(clip_id(p), str(p)) for p in paths]
+    elif src.is_file() and src.suffix.lower() == ".csv":
+        tasks = _read_list(src, names)
+    else:
+        raise OptionError(f"--clips {str(src)!r}: expected a folder of clips or a .csv list")
+    if not tasks:
+        raise OptionError(f"--clips {str(src)!r} holds no clips (.npy, videos, frame folders)")
+    _check_unique(tasks)
+    return tasks
+
+
+def _read_list(path: Path, names: Sequence[str] | None) -> list[ClipTask]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "clip" not in rows[0]:
+        raise OptionError(f"{path.name}: expected a header with a 'clip' column (and 'label')")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        clip = (path.parent / (row.get("clip") or "").strip()).resolve()
+        label = _parse_label((row.get("label") or "").strip(), names, f"{path.name}:{i}")
+        ident = _UNSAFE.sub("_", (row.get("id") or "").strip()).strip("._-") or clip_id(clip)
+        out.append(ClipTask(ident, str(clip), label))
+    return out
+
+
+def _parse_label(text: str, names: Sequence[str] | None, where: str) -> int | None:
+    if not text:
+        return None
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if names and text in names:
+        return list(names).index(text)
+    raise OptionError(f"{where}: label {text!r} is neither a class index nor a class name")
+
+
+def _check_unique(tasks: Sequence[ClipTask]) -> None:
+    seen: dict[str, str] = {}
+    for t in tasks:
+        if t.id in seen:
+            raise OptionError(
+                f"clips {seen[t.id]!r} and {t.path!r} share the id {t.id!r}; "
+                "rename one or give an 'id' column in a CSV list"
+            )
+        seen[t.id] = t.path
+
+
+# --------------------------------------------------------------------------- one clip
+
+
+@dataclass(frozen=True, slots=True)
+class ClipResult:
+    """What one clip gave: the SPEC §5 JSON text and the labels for the summary."""
+
+    id: str
+    source: str
+    predicted: int
+    true_label: int | None
+    pyramid_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClipFailure:
+    """A clip that could not be explained (a user error: unreadable, wrong shape...)."""
+
+    id: str
+    message: str
+
+
+Outcome = ClipResult | ClipFailure
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a worker needs to build its own Explainer: picklable, sent to Ray actors."""
+
+    model: str
+    options: BatchOptions
+    decoding: Decoding = field(default_factory=Decoding)
+    output: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+
+
+class ClipWorker:
+    """Decodes and explains clips; the model is analysed on the first clip, then reused."""
+
+    def __init__(self, spec: WorkerSpec, explainer: Explainer | None = None) -> None:
+        self.spec = spec
+        self.loaded: LoadedModel = explainer.loaded if explainer else load_model(spec.model)
+        self.explainer = explainer
+        self.names = class_names(self.loaded)
+
+    def decode(self, task: ClipTask) -> np.ndarray:
+        """The clip as a model input tensor (raises ClipError)."""
+        if Path(task.path).suffix.lower() == ".npy":
+            return load_array(task.path)
+        d = self.spec.decoding
+        pre = preprocess_for(
+            self.loaded, layout=d.layout, frames=d.frames, size=d.size, mean=d.mean, std=d.std
+        )
+        return load_clip(task.path, pre, sampling=d.sampling).tensor  # type: ignore[arg-type]
+
+    def explain(self, task: ClipTask, clip: np.ndarray) -> ClipResult:
+        """One forward and the pyramid, as JSON text."""
+        ex = self.explainer_for(clip)
+        opts = self.spec.options
+        run = ex.run(clip, depth=opts.depth)
+        pyr = ex.pyramid(
+            run, label=opts.label_for(task), depth=opts.depth, theta=opts.theta,
+            top_n=opts.top_n, head_mode=opts.head_mode, class_names=self.names,
+        )  # fmt: skip
+        return ClipResult(task.id, task.path, int(np.argmax(run.logits)), task.label, pyr.to_json())
+
+    def __call__(self, task: ClipTask) -> Outcome:
+        """Decode + explain; a user error on this clip is reported, not raised."""
+        try:
+            return self.explain(task, self.decode(task))
+        except CfpError as exc:
+            return ClipFailure(task.id, str(exc))
+
+    def explainer_for(self, clip: np.ndarray) -> Explainer:
+        if self.explainer is None:
+            s = self.spec
+            self.explainer = Explainer(
+                self.loaded, clip_shape=tuple(clip.shape), output=s.output, device=s.device,
+                threads=s.threads,
+            )  # fmt: skip
+        return self.explainer
+
+
+# --------------------------------------------------------------------------- the output folder
+
+
+def clip_dir(out: Path, cid: str) -> Path:
+    return out / "clips" / cid
+
+
+def is_done(out: Path, cid: str) -> bool:
+    """A clip is done when its folder exists: folders appear whole (staged, then renamed)."""
+    return (clip_dir(out, cid) / "pyramid.json").is_file()
+
+
+def write_clip(out: Path, result: ClipResult) -> None:
+    """Write one clip's folder atomically."""
+    with staged_dir(clip_dir(out, result.id), overwrite=True) as tmp:
+        (tmp / "pyramid.json").write_text(result.pyramid_json)
+        meta = {
+            "clip": result.id, "source": result.source, "predicted": result.predicted,
+            "true_label": result.true_label,
+        }  # fmt: skip
+        (tmp / "clip.json").write_text(json.dumps(meta))
+
+
+def prepare_out(out: Path, manifest: dict[str, Any], *, overwrite: bool) -> None:
+    """Create the folder, or check that an existing one holds a run with the same options.
+
+    Raises:
+        OutputError: a folder that is not a batch output, or one made with other options,
+            without --overwrite.
+    """
+    mpath = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {str(out)!r} is a file; choose a folder")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not mpath.is_file():
+            raise OutputError(
+                f"--out {str(out)!r} exists and is not a cfp batch folder; pass --overwrite to replace it"
+            )
+        old = json.loads(mpath.read_text())
+        if old != manifest:
+            diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+            raise OutputError(
+                f"--out {str(out)!r} holds a run with other {', '.join(diff)}; "
+                "pass --overwrite to start again, or use the same options to resume"
+            )
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    _remove_stale(out / "clips")
+    write_file(mpath, lambda p: p.write_text(json.dumps(manifest)), overwrite=True)
+
+
+def _remove_stale(folder: Path) -> None:
+    """Staging folders left by a killed run (``.name.xxx.tmp``) are garbage."""
+    for p in folder.glob(".*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+class ClassAggregate:
+    """Running sums over one class's clips, one slot per kernel id (flat in the clip count)."""
+
+    def __init__(self, n_kernels: int) -> None:
+        self.clips = 0
+        self.count = np.zeros(n_kernels, dtype=np.int64)
+        self.relevance = np.zeros(n_kernels, dtype=np.float64)
+        self.depth = np.full(n_kernels, np.iinfo(np.int64).max, dtype=np.int64)
+
+    def add(self, kernels: np.ndarray, depths: np.ndarray, relevance: np.ndarray) -> None:
+        """One clip's pyramid (kernel ids are unique within a pyramid)."""
+        self.clips += 1
+        self.count[kernels] += 1
+        self.relevance[kernels] += relevance
+        self.depth[kernels] = np.minimum(self.depth[kernels], depths)
+
+
+@dataclass(frozen=True)
+class KernelSpace:
+    """Layer names in topological order and their kernel-id offsets (from the Explainer)."""
+
+    layers: tuple[str, ...]
+    offsets: np.ndarray  # [layers + 1]
+
+    @classmethod
+    def of(cls, ex: Explainer) -> KernelSpace:
+        return cls(tuple(lay.node for lay in ex.layers), np.asarray(ex.provenance.offsets))
+
+    def ids(self, nodes: Sequence[dict[str, Any]]) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.layers)}
+        layer = np.array([index[n["layer"]] for n in nodes], dtype=np.int64)
+        chan = np.array([n["channel"] for n in nodes], dtype=np.int64)
+        return self.offsets[layer] + chan if len(nodes) else np.zeros(0, dtype=np.int64)
+
+
+class Aggregates:
+    """Class aggregates keyed by explained label, created when a class is first seen."""
+
+    def __init__(self, space: KernelSpace) -> None:
+        self.space = space
+        self.classes: dict[int, ClassAggregate] = {}
+
+    def add(self, pyramid: dict[str, Any]) -> None:
+        agg = self.classes.setdefault(
+            int(pyramid["label"]), ClassAggregate(int(self.space.offsets[-1]))
+        )
+        nodes = pyramid["nodes"]
+        agg.add(
+            self.space.ids(nodes),
+            np.array([n["depth"] for n in nodes], dtype=np.int64),
+            np.array([n["relevance"] for n in nodes], dtype=np.float64),
+        )
+
+
+def class_pyramid(
+    agg: ClassAggregate,
+    space: KernelSpace,
+    *,
+    label: int,
+    label_name: str | None,
+    model: str,
+    options: BatchOptions,
+) -> dict[str, Any]:
+    """The class pyramid object; nodes in (depth, layer, channel) order like a clip's."""
+    kids = np.flatnonzero(agg.count > 0)
+    kids = kids[np.argsort(agg.depth[kids], kind="stable")]
+    layer = np.searchsorted(space.offsets, kids, side="right") - 1
+    nodes = [
+        {
+            "id": i,
+            "layer": space.layers[la],
+            "channel": ch,
+            "depth": d,
+            "fraction": c / agg.clips,
+            "relevance": r / c,
+        }
+        for i, (la, ch, d, c, r) in enumerate(
+            zip(
+                layer.tolist(),
+                (kids - space.offsets[layer]).tolist(),
+                agg.depth[kids].tolist(),
+                agg.count[kids].tolist(),
+                agg.relevance[kids].tolist(),
+            )
+        )
+    ]
+    return {
+        "model": model, "label": label, "label_name": label_name, "clips": agg.clips,
+        "theta": options.theta, "depth": options.depth, "head_mode": options.head_mode,
+        "top_n": options.top_n, "nodes": nodes,
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What a run did: clips done now, skipped (already done), failed, and the files."""
+
+    done: int
+    skipped: int
+    failed: tuple[ClipFailure, ...]
+    total: int
+    classes: tuple[int, ...]
+    summary_csv: Path
+
+
+def summary_header(depth: int) -> list[str]:
+    kernels = [f"kernels_d{d}" for d in range(depth)]
+    return ["clip", "predicted", "true_label", "label", "score", *kernels, "links"]
+
+
+def summary_row(meta: dict[str, Any], pyramid: dict[str, Any], depth: int) -> list[Any]:
+    """One CSV row: labels, the explained class's score, kernels per depth, links."""
+    per_depth = [0] * depth
+    for n in pyramid["nodes"]:
+        per_depth[n["depth"]] += 1
+    true = meta["true_label"]
+    return [
+        meta["clip"], meta["predicted"], "" if true is None else true, pyramid["label"],
+        repr(float(pyramid["score"])), *per_depth, len(pyramid["links"]),
+    ]  # fmt: skip
+
+
+def read_clip(out: Path, cid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    folder = clip_dir(out, cid)
+    meta = json.loads((folder / "clip.json").read_text())
+    return meta, json.loads((folder / "pyramid.json").read_text())
+
+
+def finalize(
+    out: Path,
+    tasks: Sequence[ClipTask],
+    space: KernelSpace,
+    *,
+    options: BatchOptions,
+    model: str,
+    names: Sequence[str] | None,
+) -> tuple[int, ...]:
+    """Rebuild summary.csv and classes/ from the per-clip files, streaming in task order."""
+    aggs = Aggregates(space)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(summary_header(options.depth))
+    for task in tasks:
+        if not is_done(out, task.id):
+            continue
+        meta, pyr = read_clip(out, task.id)
+        writer.writerow(summary_row(meta, pyr, options.depth))
+        aggs.add(pyr)
+    write_file(out / "summary.csv", lambda p: p.write_text(text.getvalue()), overwrite=True)
+    write_classes(out, aggs, options=options, model=model, names=names)
+    return tuple(sorted(aggs.classes))
+
+
+def write_classes(
+    out: Path,
+    aggs: Aggregates,
+    *,
+    options: BatchOptions,
+    model: str,
+    names: Sequence[str] | None,
+) -> None:
+    """``classes/<label>/class_pyramid.json`` and ``report.html``, the folder replaced whole."""
+    with staged_dir(out / "classes", overwrite=True) as tmp:
+        for label in sorted(aggs.classes):
+            name = names[label] if names and 0 <= label < len(names) else None
+            doc = class_pyramid(
+                aggs.classes[label], aggs.space, label=label, label_name=name, model=model,
+                options=options,
+            )  # fmt: skip
+            folder = tmp / str(label)
+            folder.mkdir()
+            (folder / "class_pyramid.json").write_text(json.dumps(doc, allow_nan=False))
+            (folder / "report.html").write_text(class_report(doc))
+
+
+_CLASS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{{ title }}</title>
+<style>body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse}
+td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}td.l{text-align:left}
+.bar{display:inline-block;height:10px;background:#3b7dd8}</style></head>
+<body><h1>{{ title }}</h1>
+<p>{{ doc.clips }} clips; theta {{ doc.theta }}, depth {{ doc.depth }},
+head mode {{ doc.head_mode }}{% if doc.top_n %}, top-n {{ doc.top_n }}{% endif %}.
+Share: fraction of the class's clips whose pyramid holds the kernel;
+relevance: its mean over those clips.</p>
+{% for d, rows in depths %}<h2>Depth {{ d }} ({{ rows|length }} kernels)</h2>
+<table><tr><th>layer</th><th>channel</th><th>share</th><th></th><th>relevance</th></tr>
+{% for n in rows %}<tr><td class="l">{{ n.layer }}</td><td>{{ n.channel }}</td>
+<td>{{ "%.3f"|format(n.fraction) }}</td>
+<td class="l"><span class="bar" style="width:{{ (n.fraction * 100)|round|int }}px"></span></td>
+<td>{{ "%.3f"|format(n.relevance) }}</td></tr>
+{% endfor %}</table>{% endfor %}
+</body></html>
+"""
+
+
+def class_report(doc: dict[str, Any], limit: int = 200) -> str:
+    """A self-contained, autoescaped page: per depth, the kernels most shared by the class."""
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    by_depth: dict[int, list[dict[str, Any]]] = {}
+    for n in doc["nodes"]:
+        by_depth.setdefault(n["depth"], []).append(n)
+    depths = [
+        (d, sorted(rows, key=lambda n: (-n["fraction"], -n["relevance"], n["id"]))[:limit])
+        for d, rows in sorted(by_depth.items())
+    ]
+    name = f" ({doc['label_name']})" if doc["label_name"] else ""
+    title = f"{doc['model']}: class {doc['label']}{name}"
+    return env.from_string(_CLASS_PAGE).render(title=title, doc=doc, depths=depths)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+Progress = Callable[[int], Any]
+
+
+def run_batch(
+    spec: WorkerSpec,
+    tasks: Sequence[ClipTask],
+    out: str | Path,
+    *,
+    engine: Any,
+    overwrite: bool = False,
+    progress: Callable[[int], Any] | None = None,
+) -> BatchSummary:
+    """Explain every task not done yet, then rebuild the summary and class pyramids.
+
+    Args:
+        engine: an object with ``results(spec, tasks, first) -> Iterator[Outcome]``
+            (``cfp_onnx.engines.LocalEngine`` or ``RayEngine``).
+        progress: called with the total of clips to do, returns ``update(n)``-able bar.
+    """
+    spec.options.check()
+    out = Path(out)
+    first = ClipWorker(spec)
+    ex = first.explainer_for(first.decode(tasks[0]))
+    _check_labels(spec.options, tasks, ex.classes)
+    prepare_out(out, manifest(spec, ex), overwrite=overwrite)
+    todo = [t for t in tasks if not is_done(out, t.id)]
+    bar = progress(len(todo)) if progress else None
+    failed = []
+    for outcome in engine.results(spec, todo, first):
+        if isinstance(outcome, ClipFailure):
+            log.warning("clip %s: %s", outcome.id, outcome.message)
+            failed.append(outcome)
+        else:
+            write_clip(out, outcome)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None and hasattr(bar, "close"):
+        bar.close()
+    classes = finalize(
+        out, tasks, KernelSpace.of(ex), options=spec.options, model=ex.model_name, names=first.names
+    )
+    return BatchSummary(
+        len(todo) - len(failed), len(tasks) - len(todo), tuple(failed), len(tasks), classes,
+        out / "summary.csv",
+    )  # fmt: skip
+
+
+def manifest(spec: WorkerSpec, ex: Explainer) -> dict[str, Any]:
+    """What must match for a resumed run to continue an earlier one."""
+    return {"model": ex.model_name, "input_shape": list(ex.input_shape), **spec.options.to_dict()}
+
+
+def _check_labels(options: BatchOptions, tasks: Sequence[ClipTask], classes: int) -> None:
+    if options.label == "true":
+        missing = [t.id for t in tasks if t.label is None]
+        if missing:
+            raise OptionError(
+                f"--label true needs a label for every clip (a CSV list with a 'label' column); "
+                f"{len(missing)} have none, e.g. {missing[0]!r}"
+            )
+    labels = [t.label for t in tasks if t.label is not None]
+    if not isinstance(options.label, str):
+        labels.append(int(options.label))
+    bad = [la for la in labels if not 0 <= la < classes]
+    if bad:
+        raise OptionError(f"label {bad[0]} is out of range: the model has {classes} classes")
+
+
+def iter_decoded(
+    worker: ClipWorker, tasks: Iterable[ClipTask]
+) -> Iterator[tuple[ClipTask, np.ndarray | ClipFailure]]:
+    """Decode tasks one at a time (user errors become failures)."""
+    for task in tasks:
+        try:
+            yield task, worker.decode(task)
+        except CfpError as exc:
+            yield task, ClipFailure(task.id, str(exc))

@@ -1,0 +1,331 @@
+"""cfp batch: per-clip pyramids, class aggregates, summary CSV, resuming after a kill.
+
+A tiny random 3-conv model (8x32x32 clips, 4 classes) built with onnx.helper keeps
+every run well under a second per few dozen clips.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cfp_onnx.api import Explainer
+from cfp_onnx.batch import (
+    BatchOptions,
+    ClipTask,
+    WorkerSpec,
+    class_report,
+    run_batch,
+    summary_header,
+    tasks_from,
+)
+from cfp_onnx.engines import LocalEngine
+from cfp_onnx.errors import OptionError, OutputError
+from cfp_onnx.metadata import write_metadata
+
+CFP = str(Path(sys.executable).with_name("cfp"))
+FRAMES, SIZE, CLASSES = 8, 32, 4
+NAMES = ("left", "right", "up", "down")
+
+
+def tiny_model(path: Path, seed: int = 0) -> Path:
+    """Conv(3->6) Relu MaxPool Conv(6->8, group 2) Relu Conv(8->8) Relu GAP Gemm(4)."""
+    rng = np.random.default_rng(seed)
+    w = {
+        "w1": rng.standard_normal((6, 3, 3, 3, 3)).astype(np.float32) * 0.3,
+        "w2": rng.standard_normal((8, 3, 3, 3, 3)).astype(np.float32) * 0.3,
+        "w3": rng.standard_normal((8, 8, 1, 3, 3)).astype(np.float32) * 0.3,
+        "fc": rng.standard_normal((CLASSES, 8)).astype(np.float32),
+        "b": rng.standard_normal(CLASSES).astype(np.float32) * 0.1,
+    }
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["video", "w1"], ["c1"], name="conv1", pads=[1] * 6),
+        n("Relu", ["c1"], ["r1"]),
+        n("MaxPool", ["r1"], ["p1"], kernel_shape=[1, 2, 2], strides=[1, 2, 2]),
+        n("Conv", ["p1", "w2"], ["c2"], name="conv2", pads=[1] * 6, group=2),
+        n("Relu", ["c2"], ["r2"]),
+        n("Conv", ["r2", "w3"], ["c3"], name="conv3", pads=[0, 1, 1, 0, 1, 1]),
+        n("Relu", ["c3"], ["r3"]),
+        n("GlobalAveragePool", ["r3"], ["g"]),
+        n("Flatten", ["g"], ["f"]),
+        n("Gemm", ["f", "fc", "b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("video", TensorProto.FLOAT, [1, 3, FRAMES, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, CLASSES])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    write_metadata(model, layout="NCDHW", frames=FRAMES, size=(SIZE, SIZE), class_names=NAMES)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_clips(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """`n` random clips as .npy files, names clip_0 .. clip_{n-1}, plus a labelled CSV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"clip_{i}.npy"
+        np.save(p, rng.random((1, 3, FRAMES, SIZE, SIZE), dtype=np.float32))
+        paths.append(p)
+    with (folder.parent / "list.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["clip", "label"])
+        for i, p in enumerate(paths):
+            w.writerow([f"{folder.name}/{p.name}", NAMES[i % CLASSES] if i % 2 else i % CLASSES])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("batch")
+    tiny_model(root / "tiny.onnx")
+    make_clips(root / "clips", 24)
+    return root
+
+
+def spec(root: Path, **kw: object) -> WorkerSpec:
+    return WorkerSpec(model=str(root / "tiny.onnx"), options=BatchOptions(theta=0.5, **kw))  # type: ignore[arg-type]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` by relative path (the batch manifest included)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted local run over the folder."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    run_batch(spec(data), tasks_from(data / "clips"), out, engine=LocalEngine())
+    return out
+
+
+# --------------------------------------------------------------------------- per clip
+
+
+def test_each_clip_equals_explain(data: Path, reference: Path) -> None:
+    ex = None
+    for task in tasks_from(data / "clips"):
+        clip = np.load(task.path)
+        ex = ex or Explainer(data / "tiny.onnx", clip_shape=clip.shape)
+        expected = ex.explain(clip, theta=0.5, class_names=NAMES).to_json()
+        assert (reference / "clips" / task.id / "pyramid.json").read_text() == expected
+        meta = json.loads((reference / "clips" / task.id / "clip.json").read_text())
+        assert meta["predicted"] == int(np.argmax(ex.run(clip).logits))
+
+
+def test_summary_csv_matches_the_pyramids(data: Path, reference: Path) -> None:
+    with (reference / "summary.csv").open() as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == summary_header(3)
+    assert [r[0] for r in rows[1:]] == [f"clip_{i}" for i in range(24)]  # natural order
+    for r in rows[1:]:
+        pyr = json.loads((reference / "clips" / r[0] / "pyramid.json").read_text())
+        meta = json.loads((reference / "clips" / r[0] / "clip.json").read_text())
+        depths = [n["depth"] for n in pyr["nodes"]]
+        assert int(r[1]) == meta["predicted"] and r[2] == ""
+        assert int(r[3]) == pyr["label"] == meta["predicted"]  # default: the prediction
+        assert float(r[4]) == pyr["score"]
+        assert [int(x) for x in r[5:8]] == [depths.count(d) for d in range(3)]
+        assert int(r[8]) == len(pyr["links"])
+
+
+def direct_aggregate(reference: Path) -> dict[int, dict[tuple[str, int], tuple[float, float, int]]]:
+    """The class pyramids computed the slow, obvious way from the per-clip JSON files."""
+    per_class: dict[int, list[dict]] = {}
+    for folder in sorted((reference / "clips").iterdir()):
+        pyr = json.loads((folder / "pyramid.json").read_text())
+        per_class.setdefault(pyr["label"], []).append(pyr)
+    out = {}
+    for label, pyrs in per_class.items():
+        seen: dict[tuple[str, int], list[tuple[float, int]]] = {}
+        for p in pyrs:
+            for n in p["nodes"]:
+                seen.setdefault((n["layer"], n["channel"]), []).append((n["relevance"], n["depth"]))
+        out[label] = {
+            k: (len(v) / len(pyrs), sum(r for r, _ in v) / len(v), min(d for _, d in v))
+            for k, v in seen.items()
+        }
+    return out
+
+
+def test_class_pyramids_equal_a_direct_computation(reference: Path) -> None:
+    direct = direct_aggregate(reference)
+    assert sorted(int(p.name) for p in (reference / "classes").iterdir()) == sorted(direct)
+    for label, kernels in direct.items():
+        doc = json.loads((reference / "classes" / str(label) / "class_pyramid.json").read_text())
+        assert doc["label"] == label and doc["label_name"] == NAMES[label]
+        got = {(n["layer"], n["channel"]): n for n in doc["nodes"]}
+        assert set(got) == set(kernels)
+        for k, (frac, rel, depth) in kernels.items():
+            assert got[k]["fraction"] == pytest.approx(frac, rel=1e-12)
+            assert got[k]["relevance"] == pytest.approx(rel, rel=1e-12)
+            assert got[k]["depth"] == depth
+        assert [n["id"] for n in doc["nodes"]] == list(range(len(doc["nodes"])))
+        assert [n["depth"] for n in doc["nodes"]] == sorted(n["depth"] for n in doc["nodes"])
+        assert doc["clips"] == sum(
+            1
+            for f in (reference / "clips").iterdir()
+            if json.loads((f / "pyramid.json").read_text())["label"] == label
+        )
+        html = (reference / "classes" / str(label) / "report.html").read_text()
+        assert "<table>" in html and f"class {label}" in html
+
+
+def test_class_report_escapes_names() -> None:
+    doc = {
+        "model": "<m>.onnx", "label": 0, "label_name": "<script>x</script>", "clips": 1,
+        "theta": 0.5, "depth": 3, "head_mode": "weights", "top_n": None,
+        "nodes": [{"id": 0, "layer": "<b>", "channel": 0, "depth": 0, "fraction": 1.0,
+                   "relevance": 1.0}],
+    }  # fmt: skip
+    html = class_report(doc)
+    assert "<script>x" not in html and "&lt;script&gt;" in html and "<b>" not in html
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_skips_done_clips_and_equals_one_run(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    tasks = tasks_from(data / "clips")
+    first = run_batch(spec(data), tasks[:10], out, engine=LocalEngine())
+    assert (first.done, first.skipped) == (10, 0)
+    mtime = (out / "clips" / "clip_3" / "pyramid.json").stat().st_mtime_ns
+    again = run_batch(spec(data), tasks, out, engine=LocalEngine())
+    assert (again.done, again.skipped) == (14, 10)
+    assert (out / "clips" / "clip_3" / "pyramid.json").stat().st_mtime_ns == mtime
+    assert tree(out) == tree(reference)
+
+
+def test_other_options_refuse_to_resume(data: Path, tmp_path: Path) -> None:
+    tasks = tasks_from(data / "clips")[:2]
+    run_batch(spec(data), tasks, tmp_path / "o", engine=LocalEngine())
+    with pytest.raises(OutputError, match="theta"):
+        run_batch(
+            WorkerSpec(str(data / "tiny.onnx"), BatchOptions(theta=0.7)),
+            tasks,
+            tmp_path / "o",
+            engine=LocalEngine(),
+        )
+    s = run_batch(
+        WorkerSpec(str(data / "tiny.onnx"), BatchOptions(theta=0.7)),
+        tasks,
+        tmp_path / "o",
+        engine=LocalEngine(),
+        overwrite=True,
+    )
+    assert (s.done, s.skipped) == (2, 0)
+
+
+def test_true_labels_from_csv(data: Path, tmp_path: Path) -> None:
+    tasks = tasks_from(data / "list.csv", NAMES)
+    assert [t.label for t in tasks[:4]] == [0, 1, 2, 3]  # indices and names both read
+    s = run_batch(spec(data, label="true"), tasks[:8], tmp_path / "o", engine=LocalEngine())
+    assert s.done == 8
+    for t in tasks[:8]:
+        doc = json.loads((tmp_path / "o" / "clips" / t.id / "pyramid.json").read_text())
+        assert doc["label"] == t.label and doc["label_name"] == NAMES[t.label]
+    assert sorted(s.classes) == [0, 1, 2, 3]
+
+
+def test_bad_sources_are_one_line_errors(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="no clips"):
+        tasks_from(tmp_path)
+    with pytest.raises(OptionError, match="folder of clips"):
+        tasks_from(tmp_path / "missing")
+    with pytest.raises(OptionError, match="needs a label"):
+        run_batch(spec(data, label="true"), tasks_from(data / "clips")[:2], tmp_path / "o",
+                  engine=LocalEngine())  # fmt: skip
+    (tmp_path / "dup").mkdir()
+    np.save(tmp_path / "dup" / "a.npy", np.zeros(1))
+    (tmp_path / "dup" / "a.mp4").write_bytes(b"")
+    with pytest.raises(OptionError, match="share the id"):
+        tasks_from(tmp_path / "dup")
+
+
+def test_a_bad_clip_fails_alone(data: Path, tmp_path: Path) -> None:
+    tasks = [*tasks_from(data / "clips")[:3], ClipTask("broken", str(tmp_path / "broken.npy"))]
+    np.save(tmp_path / "broken.npy", np.zeros((1, 3, 4, 8, 8), np.float32))
+    s = run_batch(spec(data), tasks, tmp_path / "o", engine=LocalEngine())
+    assert s.done == 3 and [f.id for f in s.failed] == ["broken"]
+    assert not (tmp_path / "o" / "clips" / "broken").exists()
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def cfp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CFP, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_killed_halfway_then_resumed_equals_one_run(data: Path, tmp_path: Path) -> None:
+    """SIGTERM once some clips are written; the re-run finishes and matches a clean run."""
+    many = make_clips(tmp_path / "many", 160, seed=1)
+    args = [str(data / "tiny.onnx"), "--clips", "many", "--theta", "0.5", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [CFP, "batch", *args, "--out", "out"], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    clips = tmp_path / "out" / "clips"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = sum(1 for _ in clips.glob("*/pyramid.json")) if clips.is_dir() else 0
+        if done >= 5 or proc.poll() is not None:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    partial = sum(1 for _ in clips.glob("*/pyramid.json"))
+    assert 5 <= partial < len(many), partial
+    assert not (tmp_path / "out" / "summary.csv").exists()
+    again = cfp("batch", *args, "--out", "out", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(many) - partial} clips explained, {partial} already done" in again.stdout
+    clean = cfp("batch", *args, "--out", "clean", cwd=tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    assert tree(tmp_path / "out") == tree(tmp_path / "clean")
+
+
+def test_cli_errors_are_one_line(data: Path, tmp_path: Path) -> None:
+    model = str(data / "tiny.onnx")
+    for args, needle in [
+        (["--clips", str(tmp_path / "none")], "expected a folder of clips"),
+        (["--clips", str(data / "clips"), "--label", "x"], "--label 'x'"),
+        (["--clips", str(data / "clips"), "--theta", "2"], "theta"),
+        (["--clips", str(data / "clips"), "--address", "auto"], "--address needs --engine ray"),
+    ]:
+        r = cfp("batch", model, *args, "--out", "o", cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+    r = cfp("batch", model, "--clips", str(data / "clips"), "--limit", "3", "--out", "o",
+            "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "3 clips explained, 0 already done, 0 failed, of 3" in r.stdout
+    assert len(list((tmp_path / "o" / "clips").iterdir())) == 3
