@@ -1,0 +1,106 @@
+"""Engines: the local one's bounded queue, and Ray giving exactly the local results."""
+
+from __future__ import annotations
+
+import builtins
+import threading
+from pathlib import Path
+
+import pytest
+
+from cfp_onnx.batch import ClipFailure, ClipTask, ClipWorker, run_batch, tasks_from
+from cfp_onnx.engines import LocalEngine, RayEngine, make_engine
+from cfp_onnx.errors import OptionError
+from tests.test_batch import make_clips, spec, tiny_model, tree
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("engines")
+    tiny_model(root / "tiny.onnx", seed=3)
+    make_clips(root / "clips", 20, seed=3)
+    return root
+
+
+def test_make_engine() -> None:
+    assert make_engine("local") == LocalEngine()
+    assert make_engine("ray", address="auto", workers=3) == RayEngine(address="auto", workers=3)
+    with pytest.raises(OptionError, match="--address needs --engine ray"):
+        make_engine("local", address="auto")
+    with pytest.raises(OptionError, match="unknown engine"):
+        make_engine("spark")
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, data: Path) -> None:
+    real = builtins.__import__
+
+    def no_ray(name: str, *a: object, **k: object) -> object:
+        if name == "ray":
+            raise ImportError("no ray")
+        return real(name, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    s = spec(data)
+    with pytest.raises(OptionError, match=r"pip install 'cfp_onnx\[ray\]'"):
+        list(RayEngine().results(s, tasks_from(data / "clips")[:1], ClipWorker(s)))
+
+
+def test_local_queue_is_bounded(data: Path) -> None:
+    """The decoder never runs more than `prefetch` clips ahead of the explainer."""
+    s = spec(data)
+    worker = ClipWorker(s)
+    decoded: list[str] = []
+    real = worker.decode
+    lock = threading.Lock()
+
+    def decode(task: ClipTask):  # type: ignore[no-untyped-def]
+        with lock:
+            decoded.append(task.id)
+        return real(task)
+
+    worker.decode = decode  # type: ignore[method-assign]
+    tasks = tasks_from(data / "clips")
+    consumed = 0
+    for _ in LocalEngine(prefetch=2).results(s, tasks, worker):
+        consumed += 1
+        with lock:
+            ahead = len(decoded) - consumed
+        assert ahead <= 2 + 1  # queue + the one being put
+    assert consumed == len(tasks)
+
+
+def test_local_engine_reports_bad_clips(data: Path, tmp_path: Path) -> None:
+    s = spec(data)
+    bad = ClipTask("bad", str(tmp_path / "missing.npy"))
+    out = list(LocalEngine().results(s, [bad, *tasks_from(data / "clips")[:2]], ClipWorker(s)))
+    assert isinstance(out[0], ClipFailure) and "does not exist" in out[0].message
+    assert len(out) == 3
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray", reason="Ray not installed (pip install 'cfp_onnx[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_equals_local(data: Path, tmp_path: Path, ray_local) -> None:  # type: ignore[no-untyped-def]
+    tasks = tasks_from(data / "clips")
+    local = run_batch(spec(data), tasks, tmp_path / "local", engine=LocalEngine())
+    bad = ClipTask("bad", str(tmp_path / "missing.npy"))
+    remote = run_batch(
+        spec(data), [*tasks, bad], tmp_path / "ray", engine=RayEngine(workers=2, in_flight=2)
+    )
+    assert (remote.done, local.done) == (len(tasks), len(tasks))
+    assert [f.id for f in remote.failed] == ["bad"]
+    assert tree(tmp_path / "ray") == tree(tmp_path / "local")  # byte-identical, aggregates too
+
+
+def test_ray_resumes_a_local_run(data: Path, tmp_path: Path, ray_local) -> None:  # type: ignore[no-untyped-def]
+    tasks = tasks_from(data / "clips")
+    run_batch(spec(data), tasks[:7], tmp_path / "mixed", engine=LocalEngine())
+    s = run_batch(spec(data), tasks, tmp_path / "mixed", engine=RayEngine(workers=2))
+    assert (s.done, s.skipped) == (len(tasks) - 7, 7)
+    run_batch(spec(data), tasks, tmp_path / "local", engine=LocalEngine())
+    assert tree(tmp_path / "mixed") == tree(tmp_path / "local")
