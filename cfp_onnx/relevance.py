@@ -144,9 +144,10 @@ def expand_csr(
     """For each entry's channel, every kernel it carries: (entry index, kernel id) pairs."""
     start, stop = indptr[channel], indptr[channel + 1]
     counts = stop - start
-    entry = xp.repeat(xp.arange(len(channel)), counts)
-    first = xp.cumsum(counts) - counts
-    offset = xp.arange(int(counts.sum())) - first[entry]
+    ends = xp.cumsum(counts)
+    # entry of each output slot: a searchsorted, not xp.repeat (CuPy's repeat takes no array)
+    entry = xp.searchsorted(ends, xp.arange(int(ends[-1]) if len(ends) else 0), side="right")
+    offset = xp.arange(len(entry)) - (ends - counts)[entry]
     return entry, kernels[start[entry] + offset]
 
 

@@ -6,8 +6,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -132,15 +133,61 @@ class Session:
         opts.add_external_initializers(list(external), values)
         return self._create(proto.SerializeToString(), opts)
 
-    def run(self, clip: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, clip: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, Any]:
+        """Outputs by name: NumPy arrays; on CUDA the instrumented taps stay on the GPU.
+
+        With ``device="cuda"`` the run goes through IO binding: every ``cfp_pooled::`` /
+        ``cfp_full::`` tap is left in GPU memory and returned as a CuPy array (the back-step
+        and the tubes run there), the model's own outputs (the logits) come to the host.
+        """
         names = list(outputs or self.output_names)
         try:
+            if self._device == "cuda":
+                return bound_run(self._session, self.input_name, clip, names, _to_device)
             values = self._session.run(names, {self.input_name: clip})
         except Exception as exc:
             raise ModelError(
                 f"onnxruntime failed to run the model on this clip: {_first_line(exc)}"
             ) from None
         return dict(zip(names, values))
+
+
+DEVICE_TAPS = ("cfp_pooled::", "cfp_full::")
+"""Output name prefixes (cfp_onnx.surgery's taps) that stay on the GPU under IO binding."""
+
+
+def stays_on_device(name: str) -> bool:
+    return name.startswith(DEVICE_TAPS)
+
+
+def bound_run(
+    session: Any,
+    input_name: str,
+    clip: np.ndarray,
+    names: Sequence[str],
+    to_device: Callable[[Any], Any],
+) -> dict[str, Any]:
+    """One run with onnxruntime's IO binding (documented ``io_binding`` API).
+
+    The clip is bound from host memory, taps are bound to ``cuda`` (onnxruntime
+    allocates them there) and handed to `to_device` (OrtValue -> CuPy via DLPack);
+    other outputs are bound to ``cpu`` and returned as NumPy arrays.
+    """
+    io = session.io_binding()
+    io.bind_cpu_input(input_name, np.ascontiguousarray(clip))
+    for name in names:
+        io.bind_output(name, "cuda" if stays_on_device(name) else "cpu")
+    session.run_with_iobinding(io)
+    values = io.get_outputs()
+    return {
+        name: to_device(v) if stays_on_device(name) else v.numpy() for name, v in zip(names, values)
+    }
+
+
+def _to_device(value: Any) -> Any:
+    from cfp_onnx.gpu import from_ortvalue
+
+    return from_ortvalue(value)
 
 
 def _first_line(exc: BaseException) -> str:
