@@ -8,14 +8,15 @@ relevances never need the flat link list, which is expanded only when asked for.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, partial
 from types import ModuleType
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -122,6 +123,20 @@ class Pyramid:
             )
         return rows
 
+    def to_dict_header(self) -> dict[str, Any]:
+        """The scalar fields of ``pyramid.json``, in the SPEC's order."""
+        return {
+            "model": self.model,
+            "label": self.label,
+            "label_name": self.label_name,
+            "score": self.score,
+            "theta": self.theta,
+            "depth": self.depth,
+            "max_depth_reached": self.max_depth_reached,
+            "head_mode": self.head_mode,
+            "top_n": self.top_n,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The SPEC §5 ``pyramid.json`` object."""
         names = self.layers
@@ -142,22 +157,49 @@ class Pyramid:
                 self.link_source.tolist(), self.link_target.tolist(), self.link_relevance.tolist()
             )
         ]
-        return {
-            "model": self.model,
-            "label": self.label,
-            "label_name": self.label_name,
-            "score": self.score,
-            "theta": self.theta,
-            "depth": self.depth,
-            "max_depth_reached": self.max_depth_reached,
-            "head_mode": self.head_mode,
-            "top_n": self.top_n,
-            "nodes": nodes,
-            "links": links,
-        }
+        return {**self.to_dict_header(), "nodes": nodes, "links": links}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), allow_nan=False)
+        """``json.dumps(self.to_dict())``, built without a Python dict per node and link."""
+        out = io.StringIO()
+        self.write_json(out)
+        return out.getvalue()
+
+    def write_json(self, fp: TextIO, chunk: int = 65536) -> None:
+        """Stream ``pyramid.json`` (same text as ``json.dumps(to_dict())``) to `fp`.
+
+        A ResNet-50-3D pyramid has millions of links: one dict each would cost GBs.
+        """
+        head = self.to_dict_header()
+        fp.write(json.dumps(head, allow_nan=False)[:-1])
+        names = [json.dumps(n) for n in self.layers]
+        fp.write(', "nodes": [')
+        node_rows = zip(
+            range(len(self.node_layer)),
+            self.node_layer.tolist(),
+            self.node_channel.tolist(),
+            self.node_depth.tolist(),
+            _finite(self.node_relevance),
+        )
+        _write_rows(
+            fp,
+            node_rows,
+            lambda i, la, ch, d, r: (
+                f'{{"id": {i}, "layer": {names[la]}, "channel": {ch}, "depth": {d}, "relevance": {r!r}}}'
+            ),
+            chunk,
+        )
+        fp.write('], "links": [')
+        link_rows = zip(
+            self.link_source.tolist(), self.link_target.tolist(), _finite(self.link_relevance)
+        )
+        _write_rows(
+            fp,
+            link_rows,
+            lambda s, t, r: f'{{"source": {s}, "target": {t}, "relevance": {r!r}}}',
+            chunk,
+        )
+        fp.write("]}")
 
     def kernel_name(self, node: int) -> str:
         return f"{self.layers[int(self.node_layer[node])]}:{int(self.node_channel[node])}"
@@ -197,6 +239,26 @@ class Pyramid:
             "name": label,
             "children": [nest(r, float(self.node_relevance[r])) for r in roots],
         }
+
+
+def _finite(values: np.ndarray) -> list[float]:
+    if not np.all(np.isfinite(values)):
+        raise ValueError("pyramid relevances must be finite")
+    return values.tolist()  # type: ignore[no-any-return]
+
+
+def _write_rows(
+    fp: TextIO, rows: Iterator[tuple[Any, ...]], fmt: Callable[..., str], chunk: int
+) -> None:
+    first = True
+    batch: list[str] = []
+    for row in rows:
+        batch.append(fmt(*row))
+        if len(batch) == chunk:
+            fp.write(("" if first else ", ") + ", ".join(batch))
+            first, batch = False, []
+    if batch:
+        fp.write(("" if first else ", ") + ", ".join(batch))
 
 
 def _children(p: Pyramid) -> dict[int, list[Any]]:
