@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from cfp_onnx import graph as graph_mod
-from cfp_onnx.errors import ClipError, OptionError
+from cfp_onnx import resources
+from cfp_onnx.errors import ClipError, ModelError, OptionError
 from cfp_onnx.loading import (
     LoadedModel,
     analysis_proto,
@@ -32,7 +33,7 @@ from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
 from cfp_onnx.relevance import HEAD_MODES
 from cfp_onnx.runtime import Session
 from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
-from cfp_onnx.video import load_clip
+from cfp_onnx.video import check_tensor, load_clip
 from cfp_onnx.xp import array_module
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,11 @@ class Explainer:
         output: str | None = None,
         device: str = "cpu",
         threads: int | None = None,
+        max_memory: str | int | None = None,
     ) -> None:
+        """`max_memory`: bytes or ``"2G"``; None: 80% of the available memory; ``"off"``: no
+        guard (see cfp_onnx.resources). A run estimated above it raises ResourceError."""
+        self.memory_limit, self._limit_source = resources.resolve_limit(max_memory)
         self.xp = array_module(device)
         self.device = device
         self.threads = threads
@@ -172,17 +177,18 @@ class Explainer:
 
     def prepare_clip(self, clip: Any) -> np.ndarray:
         """The clip as the model's input: batch axis added, dtype matched, values checked."""
-        arr = load_array(clip) if not isinstance(clip, np.ndarray) else clip
+        arr = clip if isinstance(clip, np.ndarray) else load_array(_clip_path(clip))
         if arr.size == 0:
             raise ClipError(f"clip is empty (shape {arr.shape})")
-        if not np.issubdtype(arr.dtype, np.number):
-            raise ClipError(f"clip has dtype {arr.dtype}; expected numbers (float32)")
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise ClipError(f"clip has dtype {arr.dtype}; expected real numbers (float32)")
         shape = resolve_input_shape(self.loaded.proto, tuple(int(s) for s in arr.shape))
         if shape != self.input_shape:
             raise ClipError(
                 f"clip has shape {shape}; this Explainer was built for {self.input_shape}"
             )
-        arr = arr.reshape(shape).astype(self.input_dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: the NaN/Inf check says so
+            arr = arr.reshape(shape).astype(self.input_dtype, copy=False)
         if not np.all(np.isfinite(arr)):
             raise ClipError("clip holds NaN or Inf values; preprocess it to finite numbers")
         return arr
@@ -191,6 +197,8 @@ class Explainer:
         """One instrumented forward: logits, pooled head input and conv inputs, any full maps."""
         arr = self.prepare_clip(clip)
         taps = self.taps(depth, full)
+        est = resources.estimate(self, depth, full)
+        resources.check(est, self.memory_limit, self._limit_source)
         out = self.session(taps).run(arr, [t.name for t in taps])
         logits = np.asarray(out[self.head.logits], dtype=np.float64).reshape(-1)
         if logits.size != self.classes:
@@ -200,7 +208,23 @@ class Explainer:
         pooled = {t.tensor: out[t.name].reshape(-1) for t in taps[2:] if t.pool_axes is not None}
         full_maps = {t.tensor: out[t.name][0] for t in taps if t.name.startswith("cfp_full::")}
         features = out[pooled_name(self.head.input)].reshape(-1)
+        if not all(np.all(np.isfinite(v)) for v in (logits, features, *pooled.values())):
+            raise ModelError(self._nonfinite_message())
         return Run(logits, features, pooled, full_maps)
+
+    def _nonfinite_message(self) -> str:
+        """Name the first constant holding NaN/Inf (read one at a time), else blame overflow."""
+        for name in self.graph.constants:
+            value = self.graph.constants[name]
+            if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+                return (
+                    f"initializer {name!r} holds NaN or Inf values, so the run gives NaN/Inf "
+                    "activations; fix or re-export the model's weights"
+                )
+        return (
+            "the model's activations overflow to NaN or Inf on this clip; check the clip's "
+            "scale and normalisation (--mean/--std)"
+        )
 
     # ------------------------------------------------------------------ explaining
 
@@ -312,11 +336,13 @@ def load_array(clip: Any) -> np.ndarray:
     if not path.is_file():
         raise ClipError(f"clip {str(path)!r} does not exist")
     try:
-        return np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise ClipError(
             f"clip {path.name} is not a readable .npy array ({type(exc).__name__})"
         ) from None
+    check_tensor(arr, path)  # rank, size, dtype, finite: before anything draws frames from it
+    return arr
 
 
 def explain(
@@ -330,6 +356,7 @@ def explain(
     head_mode: str = "weights",
     output: str | None = None,
     device: str = "cpu",
+    max_memory: str | int | None = None,
 ) -> Pyramid:
     """Explain one clip: ``cfp_onnx.explain("model.onnx", clip)``.
 
@@ -339,14 +366,27 @@ def explain(
     check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
     loaded = load_model(model)
     arr = clip if isinstance(clip, np.ndarray) else _read_clip(clip, loaded)
-    explainer = Explainer(loaded, clip_shape=tuple(arr.shape), output=output, device=device)
+    explainer = Explainer(
+        loaded, clip_shape=tuple(arr.shape), output=output, device=device, max_memory=max_memory
+    )
     return explainer.explain(
         arr, label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode,
         class_names=class_names(loaded),
     )  # fmt: skip
 
 
+def _clip_path(clip: Any) -> str | os.PathLike[str]:
+    """A clip that is not an array must be a path; anything else is a user error, not a crash."""
+    if not isinstance(clip, (str, os.PathLike)):
+        raise ClipError(
+            f"clip must be a numpy array or a path to a .npy / video / frame folder "
+            f"(got {type(clip).__name__})"
+        )
+    return clip
+
+
 def _read_clip(clip: str | os.PathLike[str], loaded: LoadedModel) -> np.ndarray:
+    clip = _clip_path(clip)
     if Path(clip).suffix.lower() == ".npy":
         return load_array(clip)
     return load_clip(clip, preprocess_for(loaded)).tensor

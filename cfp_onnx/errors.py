@@ -28,3 +28,7 @@ class OptionError(CfpError):
 
 class OutputError(CfpError):
     """The output location cannot be written, or exists without --overwrite."""
+
+
+class ResourceError(OptionError):
+    """The run would need more memory than --max-memory allows (refused before running)."""

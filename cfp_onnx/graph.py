@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from cfp_onnx.errors import ModelError
+from cfp_onnx.errors import ModelError, UnsupportedOpError
 from cfp_onnx.ops import CONV, DENSE, HEAD_TRANSPARENT, POST_LOGITS, SOFTMAX
 
 
@@ -68,8 +68,30 @@ class Graph:
 
     def shape(self, tensor: str) -> tuple[int, ...]:
         if tensor not in self.shapes:
-            raise ModelError(f"the shape of tensor {tensor!r} could not be inferred")
+            node = self._unshaped_source(tensor)
+            if node is None:
+                raise ModelError(f"the shape of tensor {tensor!r} could not be inferred")
+            op = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+            raise UnsupportedOpError(
+                f"the shape of tensor {tensor!r} could not be inferred: op {op} (node "
+                f"{node.name!r}) gives its output no shape; a custom or unknown op cannot lie on "
+                "the pyramid's path (cfp inspect lists the ops)"
+            )
         return self.shapes[tensor]
+
+    def _unshaped_source(self, tensor: str) -> Node | None:
+        """The node where shapes stop: its inputs have shapes, its output has none."""
+        found, stack, seen = None, [tensor], set()
+        while stack:
+            node = self.producer_of(stack.pop())
+            if node is None or node.index in seen:
+                continue
+            seen.add(node.index)
+            missing = [i for i in node.inputs if i and i not in self.shapes]
+            if not missing and (found is None or node.index < found.index):
+                found = node
+            stack.extend(missing)
+        return found
 
 
 class Constants(Mapping[str, np.ndarray]):
@@ -110,7 +132,7 @@ def parse(proto: onnx.ModelProto, external: Mapping[str, Any] | None = None) -> 
         t.name: numpy_helper.to_array(t) for t in g.initializer if t.name not in ext
     }
     nodes: list[Node] = []
-    for n in _toposort(g):
+    for n in toposort(g):
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             inline[n.output[0]] = _constant_value(n)
             continue
@@ -141,8 +163,12 @@ def _constant_value(n: onnx.NodeProto) -> np.ndarray:
     return np.asarray(onnx.helper.get_attribute_value(a))
 
 
-def _toposort(g: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Kahn's order, stable w.r.t. the file; a cycle is a malformed model."""
+def toposort(g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Kahn's order, stable w.r.t. the file.
+
+    Raises:
+        ModelError: a tensor read but never produced, or a cycle (both named).
+    """
     known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
     produced_by: dict[str, int] = {}
     for i, n in enumerate(g.node):

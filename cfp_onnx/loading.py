@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from cfp_onnx.errors import ClipError, ModelError
+from cfp_onnx.graph import toposort
 from cfp_onnx.wire import strip_weights
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,11 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         ) from None
     if len(proto.graph.node) == 0:
         raise ModelError(f"{p.name} has an empty graph (no nodes); is it really an ONNX model?")
+    _check_opset(proto, p.name)
+    try:
+        toposort(proto.graph)  # names a cycle or a dangling input; the checker only says "unsorted"
+    except ModelError as exc:
+        raise ModelError(f"{p.name}: {exc}") from None
     external = _locate_external_data(proto, p, set(own))
     try:
         onnx.checker.check_model(_checkable(proto))
@@ -95,6 +101,17 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     _check_dims(proto, p.name)
     name_nodes(proto)
     return LoadedModel(p, proto, external)
+
+
+def _check_opset(proto: onnx.ModelProto, name: str) -> None:
+    """Refuse an opset newer than this onnx knows: onnxruntime would fail with a long trace."""
+    known = onnx.defs.onnx_opset_version()
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version > known:
+            raise ModelError(
+                f"{name} uses ai.onnx opset {o.version}; this onnx {onnx.__version__} knows opsets "
+                f"up to {known}: re-export it with opset <= {known}, or upgrade onnx and onnxruntime"
+            )
 
 
 def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,13 +1,21 @@
 """Whole-or-nothing outputs: everything is written under a temporary name, then renamed.
 
-An interrupted run leaves the previous result or nothing, never a partial one.
+An interrupted run leaves the previous result or nothing, never a partial one: the staged
+folder is removed on any exception (Ctrl-C and SIGTERM arrive as KeyboardInterrupt), and
+the renames that swap it in run with SIGINT/SIGTERM deferred.
+
+``CFP_TEST_SLOW_WRITE=SECONDS`` (tests only, harmless): sleep that long with the output
+fully staged but not yet renamed into place, so a test can signal a run mid-write.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,10 +51,46 @@ def staged_dir(target: str | os.PathLike[str], *, overwrite: bool) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.resolve().parent))
     try:
         yield tmp
-        _swap_in(tmp, dest)
+        _test_pause()
+        with _deferred_signals():
+            _swap_in(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _test_pause() -> None:
+    """The CFP_TEST_SLOW_WRITE hook (see the module doc)."""
+    try:
+        seconds = float(os.environ.get("CFP_TEST_SLOW_WRITE", "0"))
+    except ValueError:
+        return
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+@contextmanager
+def _deferred_signals() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then act on them: renames are not split."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[signal.Signals] = []
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    old = {
+        s: signal.signal(s, lambda num, frame: caught.append(signal.Signals(num))) for s in wanted
+    }
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            handler = old[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
@@ -60,7 +104,7 @@ def _swap_in(tmp: Path, dest: Path) -> None:
 
 
 def write_file(
-    target: str | os.PathLike[str], write: Callable[[Path], None], *, overwrite: bool
+    target: str | os.PathLike[str], write: Callable[[Path], object], *, overwrite: bool
 ) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto `target`."""
     dest = check_target(target, overwrite=overwrite)
@@ -71,7 +115,9 @@ def write_file(
     tmp = Path(name)
     try:
         write(tmp)
-        os.replace(tmp, dest)
+        _test_pause()
+        with _deferred_signals():
+            os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -449,7 +449,7 @@ def _spatial(preprocess: Preprocess) -> FrameTransform:
 def _load_tensor(path: Path, preprocess: Preprocess) -> Clip:
     """Load a preprocessed ``.npy`` clip and derive display frames from it."""
     x = _read_npy(path)
-    _check_tensor(x, path)
+    check_tensor(x, path)
     if x.ndim == 4:
         x = x[None]
     if x.shape[0] != 1:
@@ -474,8 +474,9 @@ def _read_npy(path: Path) -> np.ndarray:
         raise ClipError(f"{path}: cannot read .npy ({exc}); check the file is complete") from None
 
 
-def _check_tensor(x: np.ndarray, path: Path) -> None:
-    """Reject arrays no model could take: wrong rank, empty, non-numeric, NaN/Inf."""
+def check_tensor(x: np.ndarray, path: Path) -> None:
+    """Reject arrays no model could take: wrong rank, empty, non-numeric, NaN/Inf (also
+    values that overflow float32, the dtype the model gets)."""
     if x.ndim not in (4, 5):
         raise ClipError(
             f"{path}: array has shape {x.shape} (rank {x.ndim}); a clip is rank 5 "
@@ -487,9 +488,13 @@ def _check_tensor(x: np.ndarray, path: Path) -> None:
         )
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ClipError(f"{path}: array dtype {x.dtype} is not numeric; save a float32 array")
-    if not np.isfinite(x).all():
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise ClipError(f"{path}: array has {bad} NaN/Inf values; a clip must be finite")
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(x.astype(np.float32))
+    if not finite.all():
+        bad = int(np.size(x) - np.count_nonzero(finite))
+        raise ClipError(
+            f"{path}: array has {bad} NaN/Inf values (as float32); a clip must be finite"
+        )
 
 
 def tensor_to_frames(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfp_onnx import tubes
+from cfp_onnx import resources, tubes
 from cfp_onnx.api import Explainer, Run, check_options
 from cfp_onnx.cli.common import add_clip_args, add_model_args, add_pyramid_args, open_clip
 from cfp_onnx.errors import CfpError, ModelError, OptionError
@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--window", type=int, metavar="N", help="explain N-frame windows of a long video"
     )
     w.add_argument("--stride", type=int, metavar="S", help="frames between windows (default N)")
+    p.add_argument(
+        "--max-memory", metavar="SIZE",
+        help="refuse a run estimated above SIZE (2G, 512M, bytes, or off; default 80%% of the "
+        "available memory)",
+    )  # fmt: skip
 
 
 def add_report_args(g: argparse._ArgumentGroup) -> None:
@@ -72,12 +77,14 @@ def run(args: argparse.Namespace) -> int:
     quiet_decoders()
     check_options(depth=args.depth, theta=args.theta, top_n=args.top_n, head_mode=args.head_mode)
     check_view_args(args)
+    resources.parse_size(args.max_memory)  # a bad size fails before any work
     check_target(args.out, overwrite=args.overwrite)
     loaded = load_model(args.model)
     clips, layout = load_clips(args, loaded)
     explainer = Explainer(
-        loaded, clip_shape=tuple(clips[0].tensor.shape), output=args.output, device=args.device
-    )
+        loaded, clip_shape=tuple(clips[0].tensor.shape), output=args.output, device=args.device,
+        max_memory=args.max_memory,
+    )  # fmt: skip
     names = checked_names(loaded, explainer)
     windows = args.window is not None
     with staged_dir(args.out, overwrite=args.overwrite) as tmp:

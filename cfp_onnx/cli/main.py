@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    parser = build_parser()
+    try:  # a signal while the subcommands import is an interrupt too, not a traceback
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print("cfp: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(

@@ -1,0 +1,197 @@
+"""The ``--max-memory`` guard: refuse an explain that would not fit in memory, before it runs.
+
+A hostile or simply huge model (a 1x1x1 conv to a million channels on a full-HD clip) must
+not take the machine down: the run is estimated from the graph's static shapes (fixed
+from the clip) and refused with the estimate in the message when it exceeds the limit.
+
+The estimate, in bytes (activations counted as float32; the graph keeps no dtypes):
+
+- **weights**: every initializer's size (dims x item size), inline or on disk;
+- **activations**: the clip plus the three largest intermediate tensors (a conv's input
+  and output, and a residual stream kept alive beside them);
+- **exposed maps**: every full feature map the run returns for tubes
+  (``Explainer.run(full=...)``), plus ``tubes.CHUNK`` clip-sized float32 tubes when any
+  map is exposed (the upsampling works on that many kernels at a time);
+- **pyramid scratch**: three float64 ``C_out x C_in`` arrays of the largest layer the
+  pyramid can expand (back-step scores, normalised scores, kept mask).
+
+onnxruntime's own workspaces (im2col buffers) are not counted, so this is an estimate of
+what must be held, not a ceiling on the process. The default limit is 80% of the memory
+available now (``MemAvailable`` in ``/proc/meminfo``; elsewhere physical pages x page
+size from ``os.sysconf``), or no limit where neither can be read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cfp_onnx.errors import OptionError, ResourceError
+
+if TYPE_CHECKING:
+    from cfp_onnx.api import Explainer
+
+DEFAULT_FRACTION = 0.8
+"""Share of the available memory an explain may plan to use by default."""
+ACTIVATIONS_LIVE = 3
+"""Intermediate tensors assumed alive at once (conv input, output, a residual stream)."""
+SCRATCH_ARRAYS = 3
+"""float64 C_out x C_in arrays a back-step holds at once."""
+FLOAT32 = 4
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+NO_LIMIT = ("off", "none", "unlimited")
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Bytes an explain is expected to hold, by what holds them."""
+
+    weights: int
+    activations: int
+    exposed: int
+    scratch: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.exposed + self.scratch
+
+    def describe(self) -> str:
+        return (
+            f"about {format_size(self.total)}: weights {format_size(self.weights)}, "
+            f"activations {format_size(self.activations)}, feature maps for tubes "
+            f"{format_size(self.exposed)}, pyramid scratch {format_size(self.scratch)}"
+        )
+
+
+def parse_size(value: str | int | float | None) -> int | None:
+    """Bytes from ``2G``, ``512M``, ``1.5GiB``, ``4096`` (binary units), or None for no limit.
+
+    Raises:
+        OptionError: not a size, or not positive.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in NO_LIMIT):
+        return None
+    if isinstance(value, bool):
+        raise OptionError(f"max memory must be a size like 2G, 512M or bytes (got {value!r})")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        number, unit = float(value), ""
+    else:
+        match = _SIZE.match(str(value))
+        if match is None:
+            raise OptionError(
+                f"max memory {value!r} is not a size; write bytes or a number with K, M, G or T "
+                "(e.g. 2G, 512M), or 'off'"
+            )
+        number, unit = float(match.group(1)), match.group(2).upper()
+    size = number * UNITS[unit]
+    if not math.isfinite(size) or size < 1:
+        raise OptionError(f"max memory must be at least 1 byte (got {value!r})")
+    return int(size)
+
+
+def format_size(n: float) -> str:
+    """``1.5 GiB`` style, for messages."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes of memory available now, or None where the system does not say."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def default_limit() -> int | None:
+    """80% of the available memory, or None (no guard) where it cannot be read."""
+    free = available_memory()
+    return int(free * DEFAULT_FRACTION) if free else None
+
+
+def resolve_limit(max_memory: str | int | float | None) -> tuple[int | None, str]:
+    """The limit in bytes (None: no guard) and where it came from, for the message.
+
+    ``None`` means the default (from available memory); ``"off"`` means no guard.
+    """
+    if max_memory is None:
+        return default_limit(), f"default: {DEFAULT_FRACTION:.0%} of the available memory"
+    return parse_size(max_memory), "--max-memory"
+
+
+def weight_bytes(ex: Explainer) -> int:
+    """Every initializer's size from its declared dims (nothing is read)."""
+    total = 0
+    for t in ex.loaded.proto.graph.initializer:
+        itemsize = np.dtype(_np_dtype(t.data_type)).itemsize
+        total += int(np.prod([int(d) for d in t.dims], dtype=np.float64)) * itemsize
+    return total
+
+
+def _np_dtype(data_type: int) -> np.dtype:
+    import onnx
+
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    except (KeyError, ValueError, TypeError):
+        return np.dtype(np.float32)
+
+
+def _bytes(shape: tuple[int, ...], itemsize: int = FLOAT32) -> int:
+    return int(np.prod(shape, dtype=np.float64)) * itemsize
+
+
+def estimate(ex: Explainer, depth: int, full: tuple[str, ...] = ()) -> Estimate:
+    """What a run of `ex` at `depth`, returning the full maps `full`, would hold (see module doc)."""
+    graph = ex.graph
+    consts = graph.constants
+    sizes = sorted(
+        (_bytes(s) for t, s in graph.shapes.items() if t in graph.producer and t not in consts),
+        reverse=True,
+    )
+    activations = _bytes(ex.input_shape) + sum(sizes[:ACTIVATIONS_LIVE])
+    exposed = sum(_bytes(graph.shapes[t]) for t in full if t in graph.shapes)
+    if full:
+        exposed += _tube_chunk(ex)
+    layers = ex.expanded_layers(depth).tolist()
+    widest = max((ex.layers[i].c_out * ex.layers[i].c_in for i in layers), default=0)
+    return Estimate(
+        weights=weight_bytes(ex),
+        activations=activations,
+        exposed=exposed,
+        scratch=SCRATCH_ARRAYS * 8 * widest,
+    )
+
+
+def _tube_chunk(ex: Explainer) -> int:
+    from cfp_onnx.tubes import CHUNK
+
+    spatial = sorted(ex.input_shape[1:])[-3:]  # frames and size, whatever the layout
+    return CHUNK * _bytes(tuple(spatial))
+
+
+def check(est: Estimate, limit: int | None, source: str) -> None:
+    """Raises ResourceError when `est` exceeds `limit` (None: no guard)."""
+    if limit is None or est.total <= limit:
+        return
+    raise ResourceError(
+        f"this explain would need {est.describe()}; the memory limit is {format_size(limit)} "
+        f"({source}): use a smaller clip or depth, skip tubes and report (--no-tubes "
+        "--no-report), or raise --max-memory (e.g. --max-memory 64G, or off)"
+    )
