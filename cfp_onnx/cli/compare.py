@@ -135,7 +135,8 @@ def compare_clip(
         mapping=mapping,
     )
     for side, (_, pyr, _) in zip(sides, explained):
-        (folder / f"pyramid_{side.key}.json").write_text(pyr.to_json())
+        with (folder / f"pyramid_{side.key}.json").open("w") as f:
+            pyr.write_json(f)
     data = {"clip": str(path), **figures.to_dict()}
     (folder / "agreement.json").write_text(json.dumps(data, allow_nan=False))
     for name, value in figures.rows():

@@ -217,7 +217,8 @@ def _describe(clip: Clip) -> str:
 
 
 def write_pyramid(pyramid: Pyramid, folder: Path, *, fmt: str = "json") -> None:
-    (folder / "pyramid.json").write_text(pyramid.to_json())
+    with (folder / "pyramid.json").open("w") as f:
+        pyramid.write_json(f)
     if fmt == "reference":
         (folder / "reference.json").write_text(json.dumps(pyramid.to_reference()))
         (folder / "tree.json").write_text(json.dumps(pyramid.to_tree()))
