@@ -15,11 +15,20 @@ def dilate_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
     return np.stack([cv2.dilate(m.astype(np.uint8), kernel) > 0 for m in mask])
 
 
+def peak_voxel(saliency: np.ndarray, rtol: float = 1e-6) -> tuple[int, ...]:
+    """The saliency's peak: the voxel nearest the centroid of the top plateau (voxels within
+    `rtol` of the range below the max). An upsampled coarse map has a flat maximum over a
+    whole cell; ``argmax`` would pick the cell's first corner, often the frame's corner."""
+    span = float(saliency.max() - saliency.min())
+    top = np.argwhere(saliency >= saliency.max() - rtol * span)
+    centre = top.mean(axis=0)
+    return tuple(int(v) for v in top[np.argmin(((top - centre) ** 2).sum(axis=1))])
+
+
 def pointing_game(saliency: np.ndarray, mask: np.ndarray, tolerance: int = 3) -> bool:
-    """Whether the saliency volume's largest voxel (first, in C order) falls inside the mask
-    dilated by `tolerance` pixels."""
-    hit = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
-    return bool(dilate_mask(mask, tolerance)[hit])
+    """Whether the saliency's peak (:func:`peak_voxel`) falls inside the mask dilated by
+    `tolerance` pixels."""
+    return bool(dilate_mask(mask, tolerance)[peak_voxel(saliency)])
 
 
 def energy_inside(saliency: np.ndarray, mask: np.ndarray) -> float:

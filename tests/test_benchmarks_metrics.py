@@ -30,6 +30,19 @@ def test_pointing_game_with_and_without_tolerance() -> None:
     assert not metrics.pointing_game(sal, mask, tolerance=0)
 
 
+def test_peak_of_a_plateau_is_its_centre() -> None:
+    sal = np.zeros((1, 6, 6))
+    sal[0, 2:5, 1:4] = 2.0  # a flat 3x3 maximum centred on (3, 2)
+    sal[0, 0, 0] = 1.0
+    assert metrics.peak_voxel(sal) == (0, 3, 2)
+    single = np.zeros((2, 3, 3))
+    single[1, 0, 2] = 5.0
+    assert metrics.peak_voxel(single) == (1, 0, 2)
+    mask = np.zeros((1, 6, 6), bool)
+    mask[0, 3, 2] = True
+    assert metrics.pointing_game(sal, mask, tolerance=0)  # argmax would say (0, 2, 1): a miss
+
+
 def test_energy_inside_clips_negatives() -> None:
     sal = np.array([[[1.0, 3.0], [-2.0, 0.0]]])
     mask = np.array([[[True, False], [True, True]]])
