@@ -240,9 +240,7 @@ class Explainer:
         class_names: tuple[str, ...] | None = None,
     ) -> Pyramid:
         """The class feature pyramid of `clip` for `label` (default: the predicted class)."""
-        check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
-        if head_mode == "contrastive" and self.classes < 2:
-            raise OptionError("head mode 'contrastive' needs at least two classes")
+        self.check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
         run = self.run(clip, depth=depth)
         return self.pyramid(
             run, label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode,
@@ -261,7 +259,7 @@ class Explainer:
         class_names: tuple[str, ...] | None = None,
     ) -> Pyramid:
         """Build the pyramid from an existing run (no second forward)."""
-        check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
+        self.check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
         label = self.check_label(label, run.logits)
         cols = build(
             self.xp,
@@ -288,6 +286,12 @@ class Explainer:
             node_channel=kids - offsets[layer],
             **cols,
         )
+
+    def check_options(self, *, depth: int, theta: float, top_n: int | None, head_mode: str) -> None:
+        """`check_options`, plus what depends on the model (contrastive needs two classes)."""
+        check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
+        if head_mode == "contrastive" and self.classes < 2:
+            raise OptionError("head mode 'contrastive' needs at least two classes")
 
     def check_label(self, label: int | None, logits: np.ndarray) -> int:
         if label is None:
