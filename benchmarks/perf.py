@@ -16,6 +16,7 @@ Results go to ``benchmarks/results/perf.json``; tables are printed as Markdown a
 plot is written to ``benchmarks/perf_depth.png``.
 
     python benchmarks/perf.py [--models resnet50_3d i3d ...] [--repeat 5]
+    python benchmarks/perf.py --quick --repeat 9    # times only (results/perf_quick.json)
 """
 
 from __future__ import annotations
@@ -185,6 +186,45 @@ def measure(name: str, size: int, repeat: int, tmp: Path) -> Result:
     return res
 
 
+def measure_quick(name: str, size: int, repeat: int, tmp: Path) -> dict[str, float]:
+    """Times only (plain, explain, back-step at depth 3 and 2): a re-run for a quieter
+    machine, minutes instead of the full run's half hour."""
+    import onnxruntime as ort
+
+    from cfp_onnx.api import Explainer
+
+    path = tmp / f"{name}_{size}.onnx"
+    theta = PAPER[name][4]
+    export(name, size, path)
+    clip = clip_for(size)
+    ex = Explainer(path, clip_shape=clip.shape)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    run = ex.run(clip, depth=DEPTH)
+    return {
+        "plain": ms(lambda: sess.run(None, {"video": clip}), repeat),
+        "explain": ms(lambda: ex.explain(clip, depth=DEPTH, theta=theta), repeat),
+        "backstep": ms(lambda: ex.pyramid(run, depth=DEPTH, theta=theta), repeat),
+        "backstep_d2": ms(lambda: ex.pyramid(run, depth=2, theta=theta), repeat),
+        "kernels": float(len(ex.pyramid(run, depth=DEPTH, theta=theta).node_depth)),
+    }
+
+
+def run_quick(models: list[str] | None, repeat: int) -> None:
+    out = {}
+    print("| model | kernels | plain ms | explain ms | ratio | back-step d3 ms | d2 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, size in CASES:
+        if size != 112 or (models and name not in models):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            r = measure_quick(name, size, repeat, Path(tmp))
+        out[name] = r
+        print(f"| {name} | {r['kernels']:,.0f} | {r['plain']:.0f} | {r['explain']:.0f} "
+              f"| {r['explain'] / r['plain']:.2f}x | {r['backstep']:.1f} | {r['backstep_d2']:.1f} |",
+              flush=True)  # fmt: skip
+    (RESULTS.parent / "perf_quick.json").write_text(json.dumps(out, indent=1))
+
+
 def ms(fn: Callable[[], object], repeat: int) -> float:
     return timed(fn, repeat) * 1e3
 
@@ -303,6 +343,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=None, help="subset of model names")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--report-only", action="store_true", help="reprint tables from perf.json")
+    ap.add_argument("--quick", action="store_true", help="times only, 16x112x112 cases")
     ap.add_argument("--child", choices=("plain", "explain"))
     ap.add_argument("--model")
     ap.add_argument("--size", type=int, default=112)
@@ -310,6 +351,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         child(args.child, args.model, args.size, args.theta)
+        return
+    if args.quick:
+        run_quick(args.models, args.repeat)
         return
     if args.report_only:
         results = [Result(**r) for r in json.loads(RESULTS.read_text())]
