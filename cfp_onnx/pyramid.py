@@ -24,6 +24,7 @@ from cfp_onnx.relevance import (
     Array,
     Step,
     back_step,
+    column_best,
     expand_csr,
     head_scores,
     max_per_pair,
@@ -431,10 +432,8 @@ def _level(
         layer, kids = task
         step = inp.steps(layer)
         pooled = inp.pooled(layer)
-        redo = partial(
-            back_step, xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n
-        )
-        return kids, redo, step, redo().column_max(xp, len(pooled))
+        args = (xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n)
+        return kids, partial(back_step, *args), step, column_best(*args)
 
     tasks = [(la, frontier[layer_of == la]) for la in to_numpy(xp.unique(layer_of)).tolist()]
     if xp is np and len(tasks) > 1:

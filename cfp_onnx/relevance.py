@@ -102,6 +102,28 @@ def _segment_max(xp: ModuleType, scores: Array, starts: Array) -> Array:
     return xp.stack([scores[a:b].max(axis=0) for a, b in itertools.pairwise(bounds)])
 
 
+def scores(xp: ModuleType, kbar: Array, group: int, js: Array, a: Array) -> Array:
+    """``r'``: the normalised relevance of each input channel of kernels `js` (SPEC §3).
+
+    Args:
+        kbar: ``[C_out, C_in/g]`` tap-mean weights of the layer.
+        group: the conv's ``group``: a kernel sees only its group's input channels.
+        js: selected output channels, ascending.
+        a: ``[C_in]`` input activations pooled over time and space (float64).
+    """
+    c_out, per_group = kbar.shape
+    acts = a[None, :] if group == 1 else a.reshape(group, per_group)[js // (c_out // group)]
+    r = xp.multiply(kbar[js], acts, dtype=xp.float64)  # a fresh array, normalised in place
+    lo = r.min(axis=1, keepdims=True)
+    span = r.max(axis=1, keepdims=True) - lo
+    flat = span[:, 0] == 0
+    r -= lo
+    r /= xp.where(span == 0, 1.0, span)
+    if bool(flat.any()):
+        r[flat] = 1.0  # one input, or all equal: every channel is as relevant (SPEC §3)
+    return r
+
+
 def back_step(
     xp: ModuleType,
     kbar: Array,
@@ -111,26 +133,38 @@ def back_step(
     theta: float,
     top_n: int | None,
 ) -> Step:
-    """Score and normalise the input channels of kernels `js` of one layer (SPEC §3).
+    """The back-step of kernels `js` of one layer, kept dense (see `scores`)."""
+    q = js // (kbar.shape[0] // group)
+    return Step(js, q, scores(xp, kbar, group, js, a), theta, top_n)
 
-    Args:
-        kbar: ``[C_out, C_in/g]`` tap-mean weights of the layer.
-        group: the conv's ``group``: a kernel sees only its group's input channels.
-        js: selected output channels, ascending.
-        a: ``[C_in]`` input activations pooled over time and space (float64).
+
+BLOCK = 1 << 16
+"""Score entries per block in `column_best`: a block's arithmetic stays in cache."""
+
+
+def column_best(
+    xp: ModuleType,
+    kbar: Array,
+    group: int,
+    js: Array,
+    a: Array,
+    theta: float,
+    top_n: int | None,
+) -> Array:
+    """``back_step(...).column_max(...)`` without holding the whole score matrix.
+
+    All a pyramid's node set and relevances need of a step is, per input channel, the
+    largest kept r'. For ungrouped layers without top_n the rows are scored a block at a
+    time, so the arithmetic runs in cache instead of streaming a matrix of millions of
+    float64 through memory several times; the values are the same, element by element.
     """
-    c_out, per_group = kbar.shape
-    q = js // (c_out // group)
-    r = kbar[js].astype(xp.float64, copy=False)  # a fresh copy: normalised in place below
-    r *= a[None, :] if group == 1 else a.reshape(group, per_group)[q]
-    lo = r.min(axis=1, keepdims=True)
-    span = r.max(axis=1, keepdims=True) - lo
-    flat = span[:, 0] == 0
-    r -= lo
-    r /= xp.where(span == 0, 1.0, span)
-    if bool(flat.any()):
-        r[flat] = 1.0  # one input, or all equal: every channel is as relevant (SPEC §3)
-    return Step(js, q, r, theta, top_n)
+    if group != 1 or top_n is not None:
+        return back_step(xp, kbar, group, js, a, theta, top_n).column_max(xp, len(a))
+    best = xp.full(len(a), -xp.inf)
+    rows = max(1, BLOCK // kbar.shape[1])
+    for start in range(0, len(js), rows):
+        xp.maximum(best, scores(xp, kbar, 1, js[start : start + rows], a).max(axis=0), out=best)
+    return xp.where(best >= theta, best, -xp.inf)
 
 
 def to_host(a: Array) -> Any:
