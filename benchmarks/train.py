@@ -56,7 +56,7 @@ CONFIGS = {
         Config("resnext", "resnext101_3d", "torch", width=0.25, depth=0.1),
         Config("x3d", "x3d_m", "torch", width=0.25, depth=0.1),
         Config("i3d", "i3d", "torch", width=0.125, depth=0.5),
-        Config("keras_r3d", "resnet50_3d", "keras", width=0.125, depth=0.25),
+        Config("keras_r3d", "resnet50_3d", "keras", width=0.125, depth=0.25, epochs=32),
     )
 }
 
