@@ -27,6 +27,7 @@ from cfp_onnx.relevance import (
     column_best,
     expand_csr,
     head_scores,
+    max_per_key,
     max_per_pair,
     select,
 )
@@ -403,11 +404,7 @@ def _scatter_max(xp: ModuleType, target: Array, index: Array, values: Array) -> 
     """``target[index] = max(target[index], values)`` with repeated indices (no ufunc.at on CuPy)."""
     if len(index) == 0:
         return
-    order = xp.lexsort(xp.stack([-values, index]))
-    index, values = index[order], values[order]
-    first = xp.ones(len(index), dtype=bool)
-    first[1:] = index[1:] != index[:-1]
-    idx, val = index[first], values[first]
+    idx, val = max_per_key(xp, index, values)
     target[idx] = xp.maximum(target[idx], val)
 
 

@@ -185,16 +185,20 @@ def expand_csr(
     return entry, kernels[start[entry] + offset]
 
 
+def max_per_key(xp: ModuleType, key: Array, values: Array) -> tuple[Array, Array]:
+    """Distinct keys and the largest value of each (a sort, not ufunc.at: CuPy has none)."""
+    order = xp.lexsort(xp.stack([-values, key]))
+    key, values = key[order], values[order]
+    first = xp.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    return key[first], values[first]
+
+
 def max_per_pair(
     xp: ModuleType, parent: Array, child: Array, score: Array, n_kernels: int
 ) -> tuple[Array, Array, Array]:
     """Deduplicate (parent, child) pairs, keeping the largest score."""
     if len(parent) == 0:
         return parent, child, score
-    key = parent * n_kernels + child
-    order = xp.lexsort(xp.stack([-score, key]))
-    key, score = key[order], score[order]
-    first = xp.ones(len(key), dtype=bool)
-    first[1:] = key[1:] != key[:-1]
-    key, score = key[first], score[first]
+    key, score = max_per_key(xp, parent * n_kernels + child, score)
     return key // n_kernels, key % n_kernels, score

@@ -87,6 +87,22 @@ def test_channel_select_ops(tmp_path):
     assert got[11:13] == [set(), set()]  # padded channels carry nothing
     assert got[13:18] == [{(first, c)} for c in range(3, 8)]
     assert got[18:] == [set(), set(), set()]  # padding after, then the constant's channels
+    # Channel 0 of the first conv feeds three input channels of the second (Gather
+    # repeats it, Slice and Split keep it): one link each, carrying the largest r'.
+    clip = np.random.default_rng(3).standard_normal((1, 3, 4, 8, 8)).astype(np.float32)
+    p = ex.explain(clip, depth=2, theta=0.0)
+    pairs = list(zip(p.link_source.tolist(), p.link_target.tolist()))
+    assert len(pairs) == len(set(pairs))
+    for k in np.unique(p.kept_node).tolist():
+        chans = p.kept_channel[p.kept_node == k]
+        score = p.kept_score[p.kept_node == k]
+        carried = [c for c in chans.tolist() if (first, 0) in got[c]]
+        link = [
+            r
+            for s, t, r in zip(p.link_source, p.link_target, p.link_relevance)
+            if s == k and p.layers[p.node_layer[t]] == first and p.node_channel[t] == 0
+        ]
+        assert len(carried) >= 2 and link == [max(score[np.isin(chans, carried)])]
 
 
 def test_squeeze_excitation_and_spatial_gates(tmp_path):
