@@ -91,9 +91,6 @@ class Setting:
         )
 
 
-SETTINGS = [Setting(m, s, t) for m in HEAD_MODES for s in SELECTIONS for t in TUBES]
-
-
 # ----------------------------------------------------------------------------- model surgery
 
 
@@ -239,6 +236,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def kernel_sets(p: Pyramid, depth: int) -> dict[int, np.ndarray]:
+    """The pyramid's depth-`depth` kernels as layer -> channels."""
     at = p.node_depth == depth
     return {
         int(la): p.node_channel[at & (p.node_layer == la)] for la in np.unique(p.node_layer[at])
@@ -248,10 +246,12 @@ def kernel_sets(p: Pyramid, depth: int) -> dict[int, np.ndarray]:
 def random_like(
     sets: dict[int, np.ndarray], ex: Explainer, rng: np.random.Generator
 ) -> dict[int, np.ndarray]:
+    """As many kernels per layer as `sets`, drawn uniformly from all of the layer's channels."""
     return {la: rng.choice(ex.layers[la].c_out, len(ch), replace=False) for la, ch in sets.items()}
 
 
 def node_set(p: Pyramid) -> set[tuple[int, int]]:
+    """The pyramid's kernels as (layer index, channel) pairs (layer names are shared)."""
     return set(zip(p.node_layer.tolist(), p.node_channel.tolist()))
 
 
