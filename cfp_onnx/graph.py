@@ -36,7 +36,7 @@ class Graph:
 
     nodes: tuple[Node, ...]
     shapes: Mapping[str, tuple[int, ...]]
-    constants: Mapping[str, np.ndarray]
+    constants: Constants
     input_name: str
     output_names: tuple[str, ...]
     opset: int
@@ -108,6 +108,12 @@ class Constants(Mapping[str, np.ndarray]):
 
     def __contains__(self, name: object) -> bool:
         return name in self.inline or name in self.external
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a constant's first axis, reading no more from disk."""
+        if name in self.inline:
+            return self.inline[name][start:stop]
+        return self.external[name].read_rows(start, stop)  # type: ignore[no-any-return]
 
     def __iter__(self) -> Iterator[str]:
         yield from self.inline
@@ -335,6 +341,9 @@ def _dense_below(graph: Graph, tensor: str) -> Node | None:
 # --------------------------------------------------------------------------- layers
 
 
+TAP_CHUNK = 1 << 20  # weight elements read at once when averaging a conv's taps
+
+
 @dataclass(frozen=True)
 class Layer:
     """A conv whose kernels can appear in a pyramid."""
@@ -348,6 +357,7 @@ class Layer:
     kernel_shape: tuple[int, ...]
     strides: tuple[int, ...]
     load: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    load_rows: Callable[[int, int], np.ndarray] = field(repr=False, compare=False)
 
     @property
     def weight(self) -> np.ndarray:
@@ -360,10 +370,17 @@ class Layer:
         Several taps: averaged in float64. One tap (1x1x1): the stored weight itself, kept
         in its own dtype (exact, half the memory); the back-step widens it per use.
         """
-        w = self.weight
-        if int(np.prod(w.shape[2:])) == 1:
-            return w.reshape(w.shape[0], w.shape[1])
-        return w.reshape(w.shape[0], w.shape[1], -1).mean(axis=2, dtype=np.float64)
+        c_out, per_group, *taps = self.weight_shape
+        if int(np.prod(taps)) == 1:
+            return self.weight.reshape(c_out, per_group)
+        out = np.empty((c_out, per_group))
+        step = max(1, TAP_CHUNK // (per_group * int(np.prod(taps))))
+        for start in range(0, c_out, step):  # a slice of the weights in memory at a time
+            w = self.load_rows(start, start + step)
+            out[start : start + len(w)] = w.reshape(len(w), per_group, -1).mean(
+                axis=2, dtype=np.float64
+            )
+        return out
 
     @property
     def c_out(self) -> int:
@@ -402,6 +419,7 @@ def find_layers(graph: Graph, head: Head) -> tuple[Layer, ...]:
                 tuple(int(k) for k in w.shape[2:]),
                 tuple(int(s) for s in n.attrs.get("strides", [1] * (w.ndim - 2))),
                 partial(graph.const, n.inputs[1]),
+                partial(graph.constants.rows, n.inputs[1]),
             )
         )
         del w  # one layer's weights in memory at a time

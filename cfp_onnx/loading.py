@@ -43,6 +43,18 @@ class ExternalTensor:
         data = np.fromfile(self.file, dtype=self.dtype, count=count, offset=self.offset)
         return data.reshape(self.shape)
 
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the first axis: a big conv's weights a slice at a time."""
+        row = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        stop = min(stop, self.shape[0])
+        data = np.fromfile(
+            self.file,
+            dtype=self.dtype,
+            count=(stop - start) * row,
+            offset=self.offset + start * row * self.dtype.itemsize,
+        )
+        return data.reshape((stop - start, *self.shape[1:]))
+
     def map(self) -> np.ndarray:
         return np.memmap(
             self.file, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape

@@ -433,6 +433,8 @@ def _level(
         return kids, partial(back_step, *args), step, column_best(*args)
 
     tasks = [(la, frontier[layer_of == la]) for la in to_numpy(xp.unique(layer_of)).tolist()]
+    for layer, _ in tasks:  # read weights here, one layer at a time, not in the workers
+        inp.steps(layer)
     if xp is np and len(tasks) > 1:
         results = list(_pool().map(one, tasks))
     else:
