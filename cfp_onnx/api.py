@@ -33,7 +33,6 @@ from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
 from cfp_onnx.relevance import HEAD_MODES
 from cfp_onnx.runtime import Session
 from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
-from cfp_onnx.video import check_tensor, load_clip
 from cfp_onnx.xp import array_module
 
 log = logging.getLogger(__name__)
@@ -345,6 +344,8 @@ def load_array(clip: Any) -> np.ndarray:
         raise ClipError(
             f"clip {path.name} is not a readable .npy array ({type(exc).__name__})"
         ) from None
+    from cfp_onnx.video import check_tensor  # OpenCV only when a file clip is read
+
     check_tensor(arr, path)  # rank, size, dtype, finite: before anything draws frames from it
     return arr
 
@@ -393,4 +394,7 @@ def _read_clip(clip: str | os.PathLike[str], loaded: LoadedModel) -> np.ndarray:
     clip = _clip_path(clip)
     if Path(clip).suffix.lower() == ".npy":
         return load_array(clip)
+
+    from cfp_onnx.video import load_clip
+
     return load_clip(clip, preprocess_for(loaded)).tensor

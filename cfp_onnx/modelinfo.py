@@ -7,12 +7,14 @@ explicit user options override both.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfp_onnx.errors import ModelError, OptionError
 from cfp_onnx.loading import LoadedModel, declared_shape, graph_input
 from cfp_onnx.metadata import read_metadata
-from cfp_onnx.video import Preprocess
+
+if TYPE_CHECKING:  # OpenCV (via video) is imported only when a video is decoded
+    from cfp_onnx.video import Preprocess
 
 
 def guess_layout(shape: tuple[Any, ...]) -> str:
@@ -34,6 +36,8 @@ def preprocess_for(loaded: LoadedModel, **overrides: Any) -> Preprocess:
         ModelError: the input is not a 5-D video tensor.
         OptionError: the clip length or size is dynamic and not given.
     """
+    from cfp_onnx.video import Preprocess
+
     shape = declared_shape(graph_input(loaded.proto))
     if len(shape) != 5:
         raise ModelError(
