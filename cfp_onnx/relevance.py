@@ -113,7 +113,8 @@ def scores(xp: ModuleType, kbar: Array, group: int, js: Array, a: Array) -> Arra
     """
     c_out, per_group = kbar.shape
     acts = a[None, :] if group == 1 else a.reshape(group, per_group)[js // (c_out // group)]
-    r = xp.multiply(kbar[js], acts, dtype=xp.float64)  # a fresh array, normalised in place
+    rows = kbar[js] if not _is_run(js) else kbar[int(js[0]) : int(js[0]) + len(js)]
+    r = xp.multiply(rows, acts, dtype=xp.float64)  # a fresh array, normalised in place
     lo = r.min(axis=1, keepdims=True)
     span = r.max(axis=1, keepdims=True) - lo
     flat = span[:, 0] == 0
@@ -122,6 +123,11 @@ def scores(xp: ModuleType, kbar: Array, group: int, js: Array, a: Array) -> Arra
     if bool(flat.any()):
         r[flat] = 1.0  # one input, or all equal: every channel is as relevant (SPEC §3)
     return r
+
+
+def _is_run(js: Array) -> bool:
+    """Ascending distinct ids forming one unbroken run (a whole layer, often): a slice."""
+    return len(js) > 0 and int(js[-1]) - int(js[0]) == len(js) - 1
 
 
 def back_step(
