@@ -85,9 +85,6 @@ class Session:
     def _options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        # No arena: activations go back to the OS after the run instead of staying reserved,
-        # so the pyramid built next reuses that memory (peak = max, not sum).
-        opts.enable_cpu_mem_arena = False
         if self._threads:
             opts.intra_op_num_threads = self._threads
         return opts
