@@ -85,6 +85,9 @@ class Session:
     def _options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # Idle onnxruntime threads sleep instead of spinning: the back-step that follows a run
+        # needs the same cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._threads:
             opts.intra_op_num_threads = self._threads
         return opts
