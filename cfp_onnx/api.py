@@ -30,7 +30,7 @@ from cfp_onnx.loading import (
 from cfp_onnx.modelinfo import class_names, preprocess_for
 from cfp_onnx.provenance import Csr, Provenance, trace
 from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
-from cfp_onnx.relevance import HEAD_MODES
+from cfp_onnx.relevance import HEAD_MODES, minmax
 from cfp_onnx.runtime import Session
 from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
 from cfp_onnx.xp import array_module
@@ -119,6 +119,11 @@ class Explainer:
         return self.provenance.rows_along(
             self.head.input, self.head.feature_axis, f, what=f"the classifier {self.head.node!r}"
         )
+
+    @cached_property
+    def head_normalised(self) -> Any:
+        """The head weight min-max normalised over the whole matrix (SPEC §4, 'weights')."""
+        return minmax(self.xp, self.xp.asarray(self.head.weight), axis=None)
 
     def input_csr(self, layer: int) -> Csr:
         """Provenance of each input channel of a layer (raises for an op with no rule)."""
@@ -309,6 +314,7 @@ class Explainer:
         return PyramidInputs(
             offsets=self.provenance.offsets,
             head_weight=xp.asarray(self.head.weight),
+            head_normalised=self.head_normalised,
             head_indptr=xp.asarray(csr.indptr),
             head_kernels=xp.asarray(csr.kernels),
             features=xp.asarray(run.features, dtype=xp.float64),

@@ -337,6 +337,7 @@ class PyramidInputs:
 
     offsets: np.ndarray  # kernel id space of the layers
     head_weight: Array  # [classes, F] float64
+    head_normalised: Array | None  # minmax of head_weight over the whole matrix, if kept
     head_indptr: Array
     head_kernels: Array
     features: Array  # [F] float64, pooled head input
@@ -362,7 +363,7 @@ def build(
     """
     n_kernels = int(inp.offsets[-1])
     offsets = xp.asarray(inp.offsets)
-    scores = head_scores(xp, inp.head_weight, inp.features, label, head_mode)
+    scores = head_scores(xp, inp.head_weight, inp.features, label, head_mode, inp.head_normalised)
     kept_f = xp.flatnonzero(select(xp, scores[None, :], theta, top_n)[0])
     entry, kid = expand_csr(xp, inp.head_indptr, inp.head_kernels, kept_f)
     depth_of = xp.full(n_kernels, -1, dtype=xp.int64)

@@ -37,10 +37,21 @@ def select(xp: ModuleType, scores: Array, theta: float, top_n: int | None) -> Ar
     return keep & (rank < top_n)
 
 
-def head_scores(xp: ModuleType, weight: Array, features: Array, label: int, mode: str) -> Array:
-    """Normalised score of each feature for `label` (SPEC §4)."""
+def head_scores(
+    xp: ModuleType,
+    weight: Array,
+    features: Array,
+    label: int,
+    mode: str,
+    normalised: Array | None = None,
+) -> Array:
+    """Normalised score of each feature for `label` (SPEC §4).
+
+    `normalised` is ``minmax(weight, axis=None)`` when the caller keeps it: in the paper's
+    mode it does not depend on the clip, so an Explainer computes it once.
+    """
     if mode == "weights":
-        return minmax(xp, weight, axis=None)[label]
+        return (minmax(xp, weight, axis=None) if normalised is None else normalised)[label]
     if mode == "contribution":
         return minmax(xp, weight[label] * features)
     others = xp.concatenate([weight[:label], weight[label + 1 :]])
