@@ -31,13 +31,14 @@ from cfp_onnx.cli.explain import (
     clip_layout,
     print_prediction,
     quiet_decoders,
+    view_options,
 )
 from cfp_onnx.errors import ClipError, OptionError
 from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import preprocess_for
 from cfp_onnx.outputs import check_target, staged_dir
 from cfp_onnx.pyramid import Pyramid
-from cfp_onnx.report import ModelView, ViewOptions, build_view, display, render, write_report
+from cfp_onnx.report import ModelView, build_view, display, render, write_report
 from cfp_onnx.video import SAMPLINGS, Clip, load_clip, tensor_to_frames
 
 
@@ -209,14 +210,8 @@ def side_view(
 ) -> ModelView:
     """One side of the report, with its class tube (for display, at its own clip size)."""
     ex, pyr, run = explained
-    tube_dir = None if args.no_tubes else folder / f"tubes_{side.key}"
-    if tube_dir is not None:
-        tube_dir.mkdir(exist_ok=True)
     layout = clip_layout(clip.tensor, side.loaded, None)
-    options = ViewOptions(
-        per_depth=args.per_depth, shuffle=not args.no_shuffle, weighted=args.weighted,
-        tube_dir=tube_dir, fps=args.fps,
-    )  # fmt: skip
+    options = view_options(args, folder / f"tubes_{side.key}")
     view = build_view(
         ex, pyr, run, clip.tensor, clip.frames, time_axis=2 if layout == "NCDHW" else 1,
         source=f"{clip.source.name} ({layout})", class_names=side.names, options=options,

@@ -103,6 +103,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def view_options(args: argparse.Namespace, tube_dir: Path) -> ViewOptions:
+    """The report/tube options of `add_report_args`, creating `tube_dir` unless --no-tubes."""
+    if not args.no_tubes:
+        tube_dir.mkdir(exist_ok=True)
+    return ViewOptions(
+        per_depth=args.per_depth, shuffle=not args.no_shuffle, weighted=args.weighted,
+        tube_dir=None if args.no_tubes else tube_dir, fps=args.fps,
+    )  # fmt: skip
+
+
 def check_view_args(args: argparse.Namespace) -> None:
     if args.per_depth < 1:
         raise OptionError(f"--per-depth must be >= 1 (got {args.per_depth})")
@@ -191,13 +201,7 @@ def write_views(
     layout: str,
 ) -> None:
     """Tubes for the shown kernels (DIR/tubes/) and the HTML report."""
-    tube_dir = None if args.no_tubes else folder / "tubes"
-    if tube_dir is not None:
-        tube_dir.mkdir(exist_ok=True)
-    options = ViewOptions(
-        per_depth=args.per_depth, shuffle=not args.no_shuffle, weighted=args.weighted,
-        tube_dir=tube_dir, fps=args.fps,
-    )  # fmt: skip
+    options = view_options(args, folder / "tubes")
     view = build_view(
         explainer, pyramid, run, clip.tensor, clip.frames, time_axis=2 if layout == "NCDHW" else 1,
         source=str(clip.source), class_names=names, options=options,
