@@ -93,6 +93,7 @@ class Explainer:
         self._csr: dict[int, Csr] = {}
         self._steps: dict[int, LayerStep] = {}
         self._sessions: dict[tuple[str, ...], Session] = {}
+        self._estimates: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.input_dtype = onnx.helper.tensor_dtype_to_np_dtype(
             graph_input(self.loaded.proto).type.tensor_type.elem_type
         )
@@ -201,12 +202,14 @@ class Explainer:
         """One instrumented forward: logits, pooled head input and conv inputs, any full maps."""
         arr = self.prepare_clip(clip)
         taps = self.taps(depth, full)
-        est = resources.estimate(self, depth, full)
-        resources.check(est, self.memory_limit, self._limit_source)
+        key = (depth, full)
+        if key not in self._estimates:  # static shapes: the same for every clip
+            self._estimates[key] = resources.estimate(self, depth, full)
+        resources.check(self._estimates[key], self.memory_limit, self._limit_source)
         out = self.session(taps).run(arr, [t.name for t in taps])
         logits = np.asarray(out[self.head.logits], dtype=np.float64).reshape(-1)
         if logits.size != self.classes:
-            raise OptionError(
+            raise ModelError(
                 f"logits tensor {self.head.logits!r} has {logits.size} values for {self.classes} classes"
             )
         pooled = {t.tensor: out[t.name].reshape(-1) for t in taps[2:] if t.pool_axes is not None}
