@@ -54,10 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:  # a signal while the subcommands import is an interrupt too, not a traceback
+    # A signal while the subcommands import (onnxruntime's C extension among them) is only
+    # noted: raised inside an extension's initialisation it would surface as an ImportError.
+    pending: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
         parser = build_parser()
-    except KeyboardInterrupt:
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    if pending:
         print("cfp: interrupted", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
