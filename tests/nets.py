@@ -49,16 +49,19 @@ class Plain(nn.Module):
         return self.head(self.features(x))
 
 
+def shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """A strided 1x1x1 downsample conv where the block changes shape, else identity (None)."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), bn(cout))
+
+
 class Basic(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = conv_bn(cin, cout, stride=stride)
         self.conv2 = nn.Sequential(nn.Conv3d(cout, cout, 3, 1, 1, bias=False), bn(cout))
-        self.down = (
-            nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), bn(cout))
-            if stride != 1 or cin != cout
-            else None
-        )
+        self.down = shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.down is None else self.down(x)
@@ -71,11 +74,7 @@ class Bottleneck(nn.Module):
         self.a = conv_bn(cin, mid, k=1)
         self.b = conv_bn(mid, mid, stride=stride, groups=groups)
         self.c = nn.Sequential(nn.Conv3d(mid, cout, 1, bias=False), bn(cout))
-        self.down = (
-            nn.Sequential(nn.Conv3d(cin, cout, 1, stride, bias=False), bn(cout))
-            if stride != 1 or cin != cout
-            else None
-        )
+        self.down = shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = x if self.down is None else self.down(x)
