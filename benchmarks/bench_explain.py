@@ -121,13 +121,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak(mode: str, model: Path, frames: int, size: int) -> float:
+def child_peak(script: str, *args: str) -> float:
+    """Run `script --child ...` in a fresh process; the peak memory it prints."""
     out = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--model", str(model),
-         "--frames", str(frames), "--size", str(size)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [sys.executable, script, "--child", *args], capture_output=True, text=True, check=True
+    )
     return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def peak(mode: str, model: Path, frames: int, size: int) -> float:
+    return child_peak(
+        __file__, mode, "--model", str(model), "--frames", str(frames), "--size", str(size)
+    )
 
 
 def main() -> None:

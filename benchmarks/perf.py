@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_explain import naive_backstep, peak_rss_mb, timed
+from bench_explain import child_peak, naive_backstep, peak_rss_mb, timed
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "perf.json"
@@ -244,12 +243,9 @@ def child(mode: str, model: str, size: int, theta: float) -> None:
 
 
 def peak(mode: str, model: Path, size: int, theta: float) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--model", str(model),
-         "--size", str(size), "--theta", str(theta)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+    return child_peak(
+        __file__, mode, "--model", str(model), "--size", str(size), "--theta", str(theta)
+    )
 
 
 # ----------------------------------------------------------------------------- reporting
