@@ -42,7 +42,7 @@ class Config:
     width: float
     depth: float
     frames: int = 16
-    size: int = 48
+    size: int = 112
     epochs: int = 16
     clips_per_epoch: int = 540
     batch: int = 12
@@ -54,7 +54,7 @@ CONFIGS = {
     for c in (
         Config("r3d", "resnet50_3d", "torch", width=0.125, depth=0.25),
         Config("resnext", "resnext101_3d", "torch", width=0.25, depth=0.1),
-        Config("x3d", "x3d_m", "torch", width=0.25, depth=0.1),
+        Config("x3d", "x3d_m", "torch", width=0.25, depth=0.1, epochs=24),
         Config("i3d", "i3d", "torch", width=0.125, depth=0.5),
         Config("keras_r3d", "resnet50_3d", "keras", width=0.125, depth=0.25, epochs=32),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Explainer", "Pyramid", "explain"]
+__all__ = ["Explainer", "Pyramid", "class_tube", "explain"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,6 +17,10 @@ def __getattr__(name: str) -> Any:
         from cfp_onnx import api
 
         return getattr(api, name)
+    if name == "class_tube":
+        from cfp_onnx.classtube import class_tube
+
+        return class_tube
     if name == "Pyramid":
         from cfp_onnx.pyramid import Pyramid
 

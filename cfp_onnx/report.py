@@ -104,6 +104,7 @@ class ModelView:
     totals: tuple[int, ...]  # kernels per depth in the whole pyramid
     per_depth: int
     class_tube: tuple[str, ...] = field(default=())
+    class_tube_caption: str = "class tube (relevance-weighted depth-0 tubes)"
 
     @property
     def truncated(self) -> bool:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from cfp_onnx import classtube, tubes
 from cfp_onnx import compare as cmp
-from cfp_onnx import tubes
 from cfp_onnx.api import Explainer, Run, check_options, load_array
 from cfp_onnx.cli.common import _floats, _pair, add_pyramid_args
 from cfp_onnx.cli.explain import (
@@ -217,7 +217,12 @@ def side_view(
         source=f"{clip.source.name} ({layout})", class_names=side.names, options=options,
     )  # fmt: skip
     size = clip.frames.shape[:3]
-    tube = cmp.class_tube(ex, pyr, run, size)
+    if args.class_tube:
+        tube = classtube.class_tube(ex, run, pyr, size, args.class_tube)
+        caption = classtube.CAPTIONS[args.class_tube]
+    else:
+        tube, caption = cmp.class_tube(ex, pyr, run, size), view.class_tube_caption
     tube = tubes.normalise(np, tube[None])[0]
     frames = tubes.encode_frames(display(tubes.overlay(clip.frames, tube), options.max_side))
-    return replace(view, model=f"{side.key.upper()}: {pyr.model}", class_tube=tuple(frames))
+    return replace(view, model=f"{side.key.upper()}: {pyr.model}", class_tube=tuple(frames),
+                   class_tube_caption=caption)  # fmt: skip

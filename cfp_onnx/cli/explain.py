@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfp_onnx import resources, tubes
+from cfp_onnx import classtube, resources, tubes
 from cfp_onnx.api import Explainer, Run, check_options
 from cfp_onnx.cli.common import add_clip_args, add_model_args, add_pyramid_args, open_clip
 from cfp_onnx.errors import CfpError, ModelError, OptionError
@@ -27,7 +27,7 @@ from cfp_onnx.loading import LoadedModel, declared_shape, graph_input, load_mode
 from cfp_onnx.modelinfo import class_names, guess_layout, preprocess_for
 from cfp_onnx.outputs import check_target, staged_dir
 from cfp_onnx.pyramid import Pyramid
-from cfp_onnx.report import ViewOptions, build_view, render, write_report
+from cfp_onnx.report import ViewOptions, build_view, display, render, write_report
 from cfp_onnx.video import Clip, load_windows, tensor_to_frames
 
 FORMATS = ("json", "reference")
@@ -63,6 +63,11 @@ def add_report_args(g: argparse._ArgumentGroup) -> None:
         help="kernels shown (graph, tubes) per depth, the most relevant (default 64)",
     )  # fmt: skip
     g.add_argument("--weighted", action="store_true", help="tube maps weighted by relevance r'")
+    g.add_argument(
+        "--class-tube", choices=classtube.KINDS, metavar="KIND",
+        help="also draw the class tube: 'weighted' (relevance-weighted depth-0 maps) or "
+        "'contrast' (minus the mean over all classes; recommended with --top-n 5 --theta 0)",
+    )  # fmt: skip
     g.add_argument("--no-shuffle", action="store_true", help="skip the frame-shuffle test")
     g.add_argument("--fps", type=float, default=8.0, help="tube playback speed (default 8)")
 
@@ -174,7 +179,7 @@ def explain_clip(
     layout: str,
 ) -> Pyramid:
     """One forward, the pyramid, and everything written into `folder`."""
-    want_maps = not (args.no_report and args.no_tubes)
+    want_maps = not (args.no_report and args.no_tubes) or bool(args.class_tube)
     full = tubes.map_tensors(explainer, args.depth) if want_maps else ()
     run = explainer.run(clip.tensor, depth=args.depth, full=full)
     pyramid = explainer.pyramid(
@@ -200,19 +205,47 @@ def write_views(
     names: tuple[str, ...] | None,
     layout: str,
 ) -> None:
-    """Tubes for the shown kernels (DIR/tubes/) and the HTML report."""
+    """Tubes for the shown kernels (DIR/tubes/), the class tube and the HTML report."""
     options = view_options(args, folder / "tubes")
+    class_frames = (
+        write_class_tube(explainer, pyramid, run, clip, folder, args.class_tube, options)
+        if args.class_tube
+        else None
+    )
+    if args.no_report and args.no_tubes:
+        return
     view = build_view(
         explainer, pyramid, run, clip.tensor, clip.frames, time_axis=2 if layout == "NCDHW" else 1,
-        source=str(clip.source), class_names=names, options=options,
+        source=_describe(clip), class_names=names, options=options,
     )  # fmt: skip
     if args.no_report:
         return
-    view = replace(view, source=_describe(clip))
+    if class_frames is not None:
+        view = replace(view, class_tube=class_frames,
+                       class_tube_caption=classtube.CAPTIONS[args.class_tube])  # fmt: skip
     title = f"{pyramid.model}: class {pyramid.label}" + (
         f" ({pyramid.label_name})" if pyramid.label_name else ""
     )
     write_report(folder / "report.html", render([view], title=title, fps=args.fps))
+
+
+def write_class_tube(
+    explainer: Explainer,
+    pyramid: Pyramid,
+    run: Run,
+    clip: Clip,
+    folder: Path,
+    kind: str,
+    options: ViewOptions,
+) -> tuple[str, ...]:
+    """DIR/class_tube.npy (the signed tube at clip size) and, unless --no-tubes, its
+    pictures in DIR/tubes/; returns the page's frames."""
+    tube = classtube.class_tube(explainer, run, pyramid, clip.frames.shape[:3], kind)
+    np.save(folder / "class_tube.npy", tube)
+    blended = tubes.overlay(clip.frames, tubes.normalise(np, tube[None])[0])
+    if options.tube_dir is not None:
+        tubes.write_kernel_files(options.tube_dir, "class_tube", blended, options.fps)
+    return tuple(tubes.encode_frames(display(blended, options.max_side)))
 
 
 def _describe(clip: Clip) -> str:

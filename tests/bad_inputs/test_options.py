@@ -25,6 +25,7 @@ OPTIONS = [
     (["--depth", "-3"], "depth must be an integer >= 1"),
     (["--top-n", "0"], "top-n must be an integer >= 1"),
     (["--head-mode", "magic"], "invalid choice: 'magic'"),
+    (["--class-tube", "summed"], "invalid choice: 'summed'"),
     (["--per-depth", "0"], "--per-depth must be >= 1"),
     (["--fps", "0"], "--fps must be > 0"),
     (["--stride", "2"], "--stride needs --window"),

@@ -1,0 +1,107 @@
+"""Class tubes: equal to a slow per-kernel computation; contrast = own minus every class's mean."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cfp_onnx.exporters.pytorch import export_torch
+
+from cfp_onnx import classtube, tubes
+from cfp_onnx.api import Explainer, Run
+from cfp_onnx.errors import OptionError
+from cfp_onnx.pyramid import Pyramid
+from tests.nets import Plain
+
+CLIP = (1, 3, 4, 16, 16)
+SIZE = (4, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Explainer, Run, np.ndarray]:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("classtube") / "plain.onnx"
+    export_torch(Plain(), CLIP, path)
+    x = np.random.default_rng(3).normal(size=CLIP).astype(np.float32)
+    ex = Explainer(str(path), clip_shape=x.shape)
+    return path, ex, ex.run(x, depth=3, full=tubes.map_tensors(ex, 3)), x
+
+
+def slow_tube(ex: Explainer, pyr: Pyramid, run: Run) -> np.ndarray:
+    """SPEC §6 maps of each depth-0 kernel, one at a time, resized by torch, times relevance."""
+    parents = set(pyr.link_source.tolist())
+    out = np.zeros(SIZE)
+    for node in np.flatnonzero(pyr.node_depth == 0).tolist():
+        layer = ex.layers[int(pyr.node_layer[node])]
+        if node in parents:
+            kept = pyr.kept_channel[pyr.kept_node == node]
+            m = run.full[layer.input][kept].astype(np.float64).sum(0)
+        else:
+            m = run.full[layer.output][int(pyr.node_channel[node])].astype(np.float64)
+        big = F.interpolate(torch.from_numpy(m)[None, None], size=SIZE, mode="trilinear",
+                            align_corners=False)[0, 0].numpy()  # fmt: skip
+        out += float(pyr.node_relevance[node]) * big
+    return out
+
+
+@pytest.mark.parametrize(("depth", "top_n"), [(3, None), (3, 2), (1, None)])
+def test_weighted_tube_is_the_relevance_weighted_sum_of_depth0_maps(explained, depth, top_n):
+    _, ex, _, x = explained
+    run = ex.run(x, depth=depth, full=tubes.map_tensors(ex, depth))
+    pyr = ex.pyramid(run, depth=depth, theta=0.3 if top_n is None else 0.0, top_n=top_n)
+    assert (pyr.node_depth == 0).sum() >= 2
+    got = classtube.class_tube(ex, run, pyr, SIZE, "weighted")
+    assert got.shape == SIZE and got.dtype == np.float32
+    np.testing.assert_allclose(got, slow_tube(ex, pyr, run), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_mode", ["weights", "contrastive"])
+def test_contrast_is_own_tube_minus_the_mean_over_classes(explained, head_mode):
+    """Every class explained at the same full depth 3, the slow way; the contrast tubes of
+    all classes then sum to zero."""
+    _, ex, run, _ = explained
+    opts = {"depth": 3, "theta": 0.0, "top_n": 2, "head_mode": head_mode}
+    pyrs = [ex.pyramid(run, label=k, **opts) for k in range(ex.classes)]  # type: ignore[arg-type]
+    slow = np.stack([slow_tube(ex, p, run) for p in pyrs])
+    assert not np.allclose(slow[0], slow[1])
+    got = np.stack([classtube.class_tube(ex, run, p, SIZE, "contrast") for p in pyrs])
+    np.testing.assert_allclose(got, slow - slow.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.sum(0), 0, atol=1e-4)
+
+
+def test_unknown_kind_is_refused(explained):
+    _, ex, run, _ = explained
+    with pytest.raises(OptionError, match="class tube must be one of weighted, contrast"):
+        classtube.class_tube(ex, run, ex.pyramid(run), SIZE, "summed")
+
+
+def test_cli_writes_the_contrast_tube_and_shows_it(explained, tmp_path):
+    path, ex, run, x = explained
+    np.save(tmp_path / "clip.npy", x)
+    cfp = str(Path(sys.executable).with_name("cfp"))
+    args = ["explain", str(path), "--clip", "clip.npy", "--theta", "0", "--top-n", "2",
+            "--class-tube", "contrast", "--no-shuffle"]  # fmt: skip
+    r = subprocess.run([*(cfp, *args), "--out", "out"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    label = json.loads((out / "pyramid.json").read_text())["label"]
+    want = classtube.class_tube(ex, run, ex.pyramid(run, label=label, theta=0, top_n=2), SIZE,
+                                "contrast")  # fmt: skip
+    np.testing.assert_allclose(np.load(out / "class_tube.npy"), want, rtol=1e-5, atol=1e-6)
+    assert (out / "tubes" / "class_tube.gif").is_file()
+    assert classtube.CAPTIONS["contrast"].split(":")[0] in (out / "report.html").read_text()
+    bare = subprocess.run([*(cfp, *args), "--no-report", "--no-tubes", "--out", "bare"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bare.returncode == 0, bare.stderr
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == [
+        "class_tube.npy", "pyramid.json",
+    ]  # fmt: skip
+    np.testing.assert_array_equal(np.load(tmp_path / "bare" / "class_tube.npy"),
+                                  np.load(out / "class_tube.npy"))  # fmt: skip
