@@ -23,7 +23,7 @@ per-tube min-max), upsampled to the clip; "weighted" multiplies each by its rele
 "contrast" is the weighted tube minus the mean of every label's weighted tube (the clip
 explained for each class: one forward, nine pyramids).
 
-    python benchmarks/quality.py [--models r3d x3d] [--clips 108]
+    python benchmarks/quality.py [--models r3d x3d] [--clips 108] [--modes weights]
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ from metrics import (
 )
 from train import MEAN, QUALITY_SEED, STD
 
+from cfp_onnx import classtube
 from cfp_onnx.api import Explainer, Run
 from cfp_onnx.pyramid import Pyramid
 from cfp_onnx.synthetic import make_dataset
-from cfp_onnx.tubes import TubeMaker, upsample
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE / "models"
@@ -143,24 +143,6 @@ def randomised(path: Path, ex: Explainer, share: float, out: Path, seed: int = 0
 
 
 # ----------------------------------------------------------------------------- class tubes
-
-
-def class_tube(
-    ex: Explainer, p: Pyramid, run: Run, size: tuple[int, int, int], weighted: bool
-) -> np.ndarray:
-    """Sum of the depth-0 kernels' raw maps (relevance-weighted or not) at clip size.
-    Upsampling is linear, so maps are combined per resolution first, then upsampled once."""
-    nodes = np.flatnonzero(p.node_depth == 0)
-    if len(nodes) == 0:
-        return np.zeros(size, np.float32)
-    weights = p.node_relevance[nodes] if weighted else np.ones(len(nodes))
-    raw = TubeMaker(ex, p, run, size).raw(nodes)
-    by_shape: dict[tuple[int, ...], np.ndarray] = {}
-    for w, m in zip(weights, raw):
-        m = np.asarray(m, np.float64).reshape(-1, *m.shape[-3:]).sum(0)
-        by_shape[m.shape] = by_shape.get(m.shape, 0) + w * m
-    parts = [upsample(np, m[None].astype(np.float32), size)[0] for m in by_shape.values()]
-    return np.sum(parts, axis=0)
 
 
 def tube_tensors(ex: Explainer, gc: GradCam) -> tuple[str, ...]:
@@ -265,8 +247,10 @@ def clip_metrics(
     label: int,
     rng: np.random.Generator,
     curves: tuple[str, ...],
+    grid: list[tuple[str, str]],
 ) -> dict[str, dict[str, float]]:
-    """Every metric of one clip, keyed by setting name (plus 'gradcam' and 'random')."""
+    """Every metric of one clip, keyed by setting name (plus 'gradcam' and 'random');
+    `grid`: the (head mode, selection) pairs to measure."""
     ex, x = mb.ex, mb.prepare(frames)
     run = ex.run(x, depth=DEPTH, full=mb.full)
     others = [k for k in range(ex.classes) if k != label]
@@ -285,10 +269,9 @@ def clip_metrics(
     for tag, (_, rgc, _) in mb.random.items():
         rcam = rgc.maps(rand_runs[tag], [label], mb.size)[0]
         out["gradcam"][f"sanity_spearman_{tag}"] = spearman(cams[0], rcam)
-    for mode in HEAD_MODES:
-        for sel in SELECTIONS:
-            pyramid_metrics(mb, x, run, rand_runs, label, others, mask, Setting(mode, sel, ""),
-                            rng, curves, out)  # fmt: skip
+    for mode, sel in grid:
+        pyramid_metrics(mb, x, run, rand_runs, label, others, mask, Setting(mode, sel, ""), rng,
+                        curves, out)  # fmt: skip
     out["_meta"] = {"correct": float(np.argmax(run.logits) == label)}
     return out
 
@@ -350,7 +333,9 @@ def class_tubes(
             mean = np.mean(weighted, axis=0)
             cache[kind] = [t - mean for t in weighted]
         else:
-            cache[kind] = [class_tube(ex, q, run, size, kind == "weighted") for q in pyrs]
+            cache[kind] = list(
+                classtube.class_tubes(ex, run, pyrs, size, weighted=kind == "weighted")
+            )
     return cache[kind]
 
 
@@ -381,7 +366,9 @@ def faithfulness(
 # ----------------------------------------------------------------------------- driver
 
 
-def bench_model(path: Path, n: int, curves: tuple[str, ...], seed: int) -> dict[str, Any]:
+def bench_model(
+    path: Path, n: int, curves: tuple[str, ...], seed: int, grid: list[tuple[str, str]]
+) -> dict[str, Any]:
     """Per-clip metrics of one model (raw lists) on `n` held-out clips."""
     with tempfile.TemporaryDirectory() as tmp:
         mb = ModelBench(path, Path(tmp))
@@ -390,7 +377,7 @@ def bench_model(path: Path, n: int, curves: tuple[str, ...], seed: int) -> dict[
         per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         t = time.perf_counter()
         for i in range(n):
-            res = clip_metrics(mb, frames[i], masks[i], int(labels[i]), rng, curves)
+            res = clip_metrics(mb, frames[i], masks[i], int(labels[i]), rng, curves, grid)
             for key, m in res.items():
                 for k, v in m.items():
                     per[key][k].append(v)
@@ -435,6 +422,8 @@ def main() -> None:
         "--curves", choices=("none", "weighted", "all"), default="weighted",
         help="class tubes given deletion/insertion curves (default: weighted and contrast)",
     )  # fmt: skip
+    ap.add_argument("--modes", nargs="+", choices=HEAD_MODES, default=list(HEAD_MODES))
+    ap.add_argument("--selections", nargs="+", choices=sorted(SELECTIONS), default=list(SELECTIONS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", type=Path, default=MODELS, help="folder of trained .onnx models")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -444,7 +433,8 @@ def main() -> None:
     for path in iter_models(args.dir, args.models):
         t = time.perf_counter()
         curves = {"none": (), "weighted": ("weighted", "contrast"), "all": TUBES}[args.curves]
-        per = bench_model(path, args.clips, curves, args.seed)
+        grid = [(m, s) for m in args.modes for s in args.selections]
+        per = bench_model(path, args.clips, curves, args.seed, grid)
         results[path.stem] = {"clips": args.clips, "summary": summarise(per),
                               "seconds": round(time.perf_counter() - t)}  # fmt: skip
         args.out.write_text(json.dumps(results, indent=1))

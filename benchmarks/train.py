@@ -54,9 +54,9 @@ CONFIGS = {
     for c in (
         Config("r3d", "resnet50_3d", "torch", width=0.125, depth=0.25),
         Config("resnext", "resnext101_3d", "torch", width=0.25, depth=0.1),
-        Config("x3d", "x3d_m", "torch", width=0.25, depth=0.1, epochs=24),
+        Config("x3d", "x3d_m", "torch", width=0.25, depth=0.1, epochs=40, lr=5e-3),
         Config("i3d", "i3d", "torch", width=0.125, depth=0.5),
-        Config("keras_r3d", "resnet50_3d", "keras", width=0.125, depth=0.25, epochs=32),
+        Config("keras_r3d", "resnet50_3d", "keras", width=0.125, depth=0.25, epochs=20),
     )
 }
 

@@ -36,14 +36,17 @@ CAPTIONS = {
 }
 
 
-def _feature_sums(ex: Explainer, pyr: Pyramid, run: Run) -> dict[tuple[int, ...], np.ndarray]:
-    """Relevance-weighted sum of the depth-0 raw maps, one float64 array per resolution."""
+def _feature_sums(
+    ex: Explainer, pyr: Pyramid, run: Run, weighted: bool = True
+) -> dict[tuple[int, ...], np.ndarray]:
+    """Sum of the depth-0 raw maps (times relevance if `weighted`), float64 per resolution."""
     nodes = np.flatnonzero(pyr.node_depth == 0)
     sums: dict[tuple[int, ...], np.ndarray] = {}
     if len(nodes) == 0:
         return sums
     raw = TubeMaker(ex, pyr, run, (1, 1, 1)).raw(nodes)
-    for r, m in zip(pyr.node_relevance[nodes].tolist(), raw):
+    weights = pyr.node_relevance[nodes] if weighted else np.ones(len(nodes))
+    for r, m in zip(weights.tolist(), raw):
         m = np.asarray(to_numpy(m), np.float64)
         m = m.reshape(-1, *m.shape[-3:]).sum(0)
         sums[m.shape] = sums.get(m.shape, 0.0) + r * m
@@ -57,11 +60,17 @@ def _upsampled(sums: dict[tuple[int, ...], np.ndarray], size: Sequence[int]) -> 
     return out
 
 
-def weighted_tubes(
-    ex: Explainer, run: Run, pyramids: Sequence[Pyramid], size: Sequence[int]
+def class_tubes(
+    ex: Explainer,
+    run: Run,
+    pyramids: Sequence[Pyramid],
+    size: Sequence[int],
+    *,
+    weighted: bool = True,
 ) -> np.ndarray:
-    """``[len(pyramids), T, H, W]`` weighted class tubes of pyramids built from `run`."""
-    return np.stack([_upsampled(_feature_sums(ex, p, run), size) for p in pyramids])
+    """``[len(pyramids), T, H, W]`` class tubes of pyramids built from `run`; with
+    ``weighted=False`` the depth-0 maps are summed as they are (benchmarks compare both)."""
+    return np.stack([_upsampled(_feature_sums(ex, p, run, weighted), size) for p in pyramids])
 
 
 def class_pyramids(ex: Explainer, run: Run, pyr: Pyramid) -> list[Pyramid]:
