@@ -11,8 +11,9 @@ class at depth 3:
   bootstrap interval over clips, per depth;
 - deletion / insertion AUC of the class tube (20 steps, removed voxels replaced by the
   clip's per-channel mean, softmax probability of the class);
-- localisation: pointing game (max voxel inside the actor's mask dilated by 3 px) and
-  energy inside the mask, against 3D Grad-CAM (``gradcam.py``) and a random map;
+- localisation: pointing game (max voxel inside the actor's mask dilated by 3 px),
+  energy inside the mask and mask AUC (a voxel on the actor outranks one off it), against
+  3D Grad-CAM (``gradcam.py``) and a random map;
 - sanity: weights randomised (head + top half of the convs, then all), pyramid node
   Jaccard and class-tube Spearman against the trained model's;
 - class-specificity: the clip explained for every other class, Spearman of their class
@@ -52,6 +53,7 @@ from metrics import (
     bootstrap_ratio,
     energy_inside,
     jaccard,
+    mask_auc,
     pointing_game,
     spearman,
     step_masks,
@@ -277,7 +279,11 @@ def clip_metrics(
 
 
 def localisation(tube: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    return {"pointing": float(pointing_game(tube, mask)), "energy": energy_inside(tube, mask)}
+    return {
+        "pointing": float(pointing_game(tube, mask)),
+        "energy": energy_inside(tube, mask),
+        "mask_auc": mask_auc(tube, mask),
+    }
 
 
 def pyramid_metrics(

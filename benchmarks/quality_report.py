@@ -26,6 +26,7 @@ def cell(v: Any, digits: int = 2) -> str:
 COLUMNS = (
     ("pointing", "pointing"),
     ("energy", "energy in mask"),
+    ("mask_auc", "mask AUC"),
     ("deletion", "deletion AUC (lower better)"),
     ("insertion", "insertion AUC"),
     ("faith_ratio_d0", "ablation ratio d0"),
@@ -63,6 +64,7 @@ SUMMARY_COLUMNS = (
     ("faith_ratio_d0", "ablation ratio d0 (>= 3)"),
     ("pointing", "pointing"),
     ("energy", "energy in mask"),
+    ("mask_auc", "mask AUC (0.5 = chance)"),
     ("deletion", "deletion AUC"),
     ("insertion", "insertion AUC"),
     ("specificity", "Spearman across labels (< 0.3)"),

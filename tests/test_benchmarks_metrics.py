@@ -51,6 +51,17 @@ def test_energy_inside_clips_negatives() -> None:
     assert metrics.energy_inside(-np.ones((1, 2, 2)), mask) == 0.0
 
 
+def test_mask_auc_is_the_pairwise_win_rate() -> None:
+    rng = np.random.default_rng(0)
+    sal = rng.integers(0, 4, size=(3, 5, 6)).astype(float)  # many ties
+    mask = rng.random((3, 5, 6)) < 0.3
+    ins, outs = sal[mask], sal[~mask]
+    pairs = (ins[:, None] > outs[None, :]) + 0.5 * (ins[:, None] == outs[None, :])
+    assert metrics.mask_auc(sal, mask) == pytest.approx(pairs.mean())
+    assert metrics.mask_auc(mask.astype(float), mask) == 1.0
+    assert np.isnan(metrics.mask_auc(sal, np.zeros_like(mask)))
+
+
 def test_auc_trapezoid() -> None:
     assert metrics.auc(np.array([1.0, 0.5, 0.0])) == pytest.approx(0.5)
     assert metrics.auc(np.array([0.0, 1.0, 1.0])) == pytest.approx(0.75)  # (0.5 + 1) / 2
