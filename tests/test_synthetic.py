@@ -165,8 +165,8 @@ def test_demo_clip() -> None:
     clip = demo_clip(seed=0)
     assert clip.label == CLASSES.index("move_right")
     s = motion_stats(clip.mask)
-    assert s["dx"] > 0.5 and s["hidden"] == 0
-    assert clip.frames[clip.mask].mean() > 150 and clip.frames[~clip.mask].max() < 45
+    assert s["dx"] > 0.25 and s["hidden"] == 0
+    assert not np.array_equal(demo_clip(seed=1).frames, clip.frames)
     np.testing.assert_array_equal(demo_clip(seed=0).frames, clip.frames)
 
 
