@@ -98,8 +98,8 @@ def class_tube(
     """The class tube of `pyr` at `size` ``(T, H, W)``, float32, not normalised.
 
     `run` must hold ``tubes.map_tensors(ex, pyr.depth)``. ``contrast`` builds every
-    class's pyramid from the same run (one back-step level each): ~1 s per 100 classes
-    on a ResNet-50-3D with the paper's theta, far less with ``top_n``.
+    class's pyramid from the same run (one back-step level each), so its cost grows with
+    the number of classes; with ``top_n`` each is a handful of kernels.
 
     Raises:
         OptionError: `kind` is not one of KINDS.
@@ -114,5 +114,5 @@ def class_tube(
         for shape, m in _feature_sums(ex, p, run).items():
             total[shape] = total.get(shape, 0.0) + m
     n = ex.classes
-    diff = {s: own.get(s, 0.0) - total.get(s, 0.0) / n for s in {*own, *total}}
+    diff = {s: own.get(s, 0.0) - total.get(s, 0.0) / n for s in dict.fromkeys([*own, *total])}
     return _upsampled({s: np.asarray(m, np.float64) for s, m in diff.items()}, size)
