@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cfp_onnx.errors import ModelError
-from cfp_onnx.loading import load_model
+from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import preprocess_for
 from cfp_onnx.synthetic import demo_clip
 from cfp_onnx.video import Clip, to_tensor
@@ -39,11 +39,13 @@ def model_path() -> Path:
     return path
 
 
-def clip(seed: int = 0) -> Clip:
-    """The demo clip as model input, preprocessed from the model's own metadata."""
+def clip(seed: int = 0, loaded: LoadedModel | None = None) -> Clip:
+    """The demo clip as model input, preprocessed from the model's own metadata
+    (`loaded`: the demo model, when the caller has it already)."""
     frames = demo_clip(seed, frames=FRAMES, size=SIZE).frames
+    model = loaded if loaded is not None else load_model(model_path())
     return Clip(
-        tensor=to_tensor(frames, preprocess_for(load_model(model_path()))),
+        tensor=to_tensor(frames, preprocess_for(model)),
         frames=frames,
         indices=np.arange(FRAMES, dtype=np.int64),
         source=Path(f"demo_clip(seed={seed})"),

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     check_target(args.out, overwrite=args.overwrite)
     args.no_report = False
     loaded = load_model(demo.model_path())
-    clip = demo.clip(args.seed)
+    clip = demo.clip(args.seed, loaded)
     explainer = Explainer(loaded, clip_shape=tuple(clip.tensor.shape))
     names = checked_names(loaded, explainer)
     with staged_dir(args.out, overwrite=args.overwrite) as tmp:
