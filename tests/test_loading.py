@@ -10,6 +10,7 @@ from cfp_onnx.api import Explainer
 from cfp_onnx.errors import ClipError, ModelError
 from cfp_onnx.loading import load_model, name_nodes
 from tests import nets
+from tests.bad_inputs.models import point_weights_at
 
 
 def _external_copy(src, folder, location="weights.bin"):
@@ -42,13 +43,7 @@ def test_external_data_model_explains_like_embedded(exported, tmp_path):
 @pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "sub/../../x.bin"])
 def test_external_data_outside_the_folder_is_refused(exported, tmp_path, location):
     _, path = exported("plain")
-    ext = _external_copy(path, tmp_path / "ext")
-    m = onnx.load(str(ext), load_external_data=False)
-    for t in m.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = location
-    onnx.save(m, str(ext))
+    ext = point_weights_at(_external_copy(path, tmp_path / "ext"), location)
     with pytest.raises(ModelError, match="outside the model's folder; refusing to read it"):
         load_model(ext)
 

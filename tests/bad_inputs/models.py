@@ -144,6 +144,11 @@ def external(p: Path, location: str) -> Path:
         m, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
         location="weights.bin", size_threshold=0,
     )  # fmt: skip
+    return point_weights_at(p, location)
+
+
+def point_weights_at(p: Path, location: str) -> Path:
+    """Rewrite every external-data reference of the model at `p` to `location`."""
     m = onnx.load(str(p), load_external_data=False)
     for t in m.graph.initializer:
         for e in t.external_data:
