@@ -136,7 +136,7 @@ def compare_clip(
         mapping=mapping,
     )
     for side, (_, pyr, _) in zip(sides, explained):
-        with (folder / f"pyramid_{side.key}.json").open("w") as f:
+        with (folder / f"pyramid_{side.key}.json").open("wb") as f:
             pyr.write_json(f)
     data = {"clip": str(path), **figures.to_dict()}
     (folder / "agreement.json").write_text(json.dumps(data, allow_nan=False))

@@ -254,7 +254,7 @@ def _describe(clip: Clip) -> str:
 
 
 def write_pyramid(pyramid: Pyramid, folder: Path, *, fmt: str = "json") -> None:
-    with (folder / "pyramid.json").open("w") as f:
+    with (folder / "pyramid.json").open("wb") as f:
         pyramid.write_json(f)
     if fmt == "reference":
         (folder / "reference.json").write_text(json.dumps(pyramid.to_reference()))
