@@ -7,7 +7,6 @@ over this module.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,9 +27,10 @@ from cfp_onnx.loading import (
     resolve_input_shape,
 )
 from cfp_onnx.modelinfo import class_names, preprocess_for
+from cfp_onnx.options import PyramidOptions
 from cfp_onnx.provenance import Csr, Provenance, trace
 from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
-from cfp_onnx.relevance import HEAD_MODES, minmax
+from cfp_onnx.relevance import minmax
 from cfp_onnx.runtime import Session
 from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
 from cfp_onnx.xp import array_module
@@ -39,27 +39,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Plan:
+    """What one run must return: the taps of a depth, and which full maps (for views)."""
+
+    depth: int
+    full: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Run:
-    """What one instrumented forward returned, on the host."""
+    """What one instrumented forward returned, on the host, and the plan it was made for."""
 
     logits: np.ndarray  # [classes]
     features: np.ndarray  # [F] float64, pooled head input
     pooled: dict[str, np.ndarray]  # layer input tensor -> [C_in] float64
     full: dict[str, np.ndarray]  # tensor -> full map (batch axis dropped)
+    plan: Plan
 
 
 def check_options(*, depth: int, theta: float, top_n: int | None, head_mode: str) -> None:
-    """Raises OptionError for values outside the method's range."""
-    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
-        raise OptionError(f"depth must be an integer >= 1 (got {depth!r}); depth=3 is the paper's")
-    if not isinstance(theta, (int, float, np.floating)) or math.isnan(theta) or not 0 <= theta <= 1:
-        raise OptionError(f"theta must be a number in [0, 1] (got {theta!r}); the paper uses 0.6")
-    if top_n is not None and (
-        isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or top_n < 1
-    ):
-        raise OptionError(f"top-n must be an integer >= 1 or omitted (got {top_n!r})")
-    if head_mode not in HEAD_MODES:
-        raise OptionError(f"head mode {head_mode!r} unknown; choose one of {', '.join(HEAD_MODES)}")
+    """Raises OptionError for values outside the method's range (see PyramidOptions)."""
+    PyramidOptions(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
 
 
 class Explainer:
@@ -151,6 +151,27 @@ class Explainer:
         levels = self.levels(depth)[: depth - 1]
         return np.unique(np.concatenate(levels)) if levels else np.zeros(0, dtype=np.int64)
 
+    def map_tensors(self, depth: int) -> tuple[str, ...]:
+        """Full maps a run must return so any kernel of a depth-`depth` pyramid can be shown.
+
+        Inputs of the layers a pyramid can expand (kernels with children), and outputs of
+        the layers that can hold childless kernels: the deepest level, and layers whose
+        input carries no conv (the first convs).
+        """
+        levels = self.levels(depth)
+        names: dict[str, None] = {}
+        for i in self.expanded_layers(depth).tolist():
+            names[self.layers[i].input] = None
+            if len(self.input_csr(i).kernels) == 0:
+                names[self.layers[i].output] = None
+        for i in levels[-1].tolist():
+            names[self.layers[int(i)].output] = None
+        return tuple(names)
+
+    def plan(self, depth: int, *, maps: bool = False) -> Plan:
+        """The run a pyramid of `depth` needs; with `maps`, every kernel's map too."""
+        return Plan(depth, self.map_tensors(depth) if maps else ())
+
     # ------------------------------------------------------------------ running
 
     def taps(self, depth: int, full: tuple[str, ...] = ()) -> list[Tap]:
@@ -217,7 +238,7 @@ class Explainer:
         features = out[pooled_name(self.head.input)].reshape(-1)
         if not all(np.all(np.isfinite(v)) for v in (logits, features, *pooled.values())):
             raise ModelError(self._nonfinite_message())
-        return Run(logits, features, pooled, full_maps)
+        return Run(logits, features, pooled, full_maps, Plan(depth, tuple(full)))
 
     def _nonfinite_message(self) -> str:
         """Name the first constant holding NaN/Inf (read one at a time), else blame overflow."""
@@ -238,40 +259,38 @@ class Explainer:
     def explain(
         self,
         clip: Any,
+        options: PyramidOptions | None = None,
         *,
-        label: int | None = None,
-        depth: int = 3,
-        theta: float = 0.6,
-        top_n: int | None = None,
-        head_mode: str = "weights",
         class_names: tuple[str, ...] | None = None,
+        **kw: Any,
     ) -> Pyramid:
-        """The class feature pyramid of `clip` for `label` (default: the predicted class)."""
-        self.check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
-        run = self.run(clip, depth=depth)
-        return self.pyramid(
-            run, label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode,
-            class_names=class_names,
-        )  # fmt: skip
+        """The class feature pyramid of `clip` (default: for the predicted class).
+
+        `options`, or the same fields as keywords (``depth=3, theta=0.6, ...``).
+        """
+        opts = self.options(options, kw)
+        run = self.run(clip, depth=opts.depth)
+        return self.pyramid(run, opts, class_names=class_names)
 
     def pyramid(
         self,
         run: Run,
+        options: PyramidOptions | None = None,
         *,
-        label: int | None = None,
-        depth: int = 3,
-        theta: float = 0.6,
-        top_n: int | None = None,
-        head_mode: str = "weights",
         class_names: tuple[str, ...] | None = None,
+        **kw: Any,
     ) -> Pyramid:
         """Build the pyramid from an existing run (no second forward)."""
-        self.check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
-        label = self.check_label(label, run.logits)
+        opts = self.options(options, kw)
+        if opts.depth > run.plan.depth:
+            raise OptionError(
+                f"this run was made for depth {run.plan.depth}; a depth-{opts.depth} pyramid "
+                "needs its own run"
+            )
+        label = self.check_label(opts.label, run.logits)
         cols = build(
-            self.xp,
-            self._inputs(run),
-            label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode,
+            self.xp, self._inputs(run), label=label, depth=opts.depth, theta=opts.theta,
+            top_n=opts.top_n, head_mode=opts.head_mode,
         )  # fmt: skip
         kids = cols.pop("kernels")
         offsets = self.provenance.offsets
@@ -283,22 +302,25 @@ class Explainer:
             label_name=class_names[label] if class_names else None,
             score=float(run.logits[label]),
             logits=run.logits,
-            theta=float(theta),
-            depth=int(depth),
+            theta=float(opts.theta),
+            depth=int(opts.depth),
             max_depth_reached=int(depths.max()) if len(depths) else -1,
-            head_mode=head_mode,
-            top_n=top_n,
+            head_mode=opts.head_mode,
+            top_n=opts.top_n,
             layers=tuple(lay.node for lay in self.layers),
             node_layer=layer,
             node_channel=kids - offsets[layer],
             **cols,
         )
 
-    def check_options(self, *, depth: int, theta: float, top_n: int | None, head_mode: str) -> None:
-        """`check_options`, plus what depends on the model (contrastive needs two classes)."""
-        check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
-        if head_mode == "contrastive" and self.classes < 2:
+    def options(self, options: PyramidOptions | None, kw: dict[str, Any]) -> PyramidOptions:
+        """`options` or one built from keywords, checked against this model."""
+        if options is not None and kw:
+            raise OptionError(f"pass either options or {', '.join(kw)}, not both")
+        opts = options if options is not None else PyramidOptions(**kw)
+        if opts.head_mode == "contrastive" and self.classes < 2:
             raise OptionError("head mode 'contrastive' needs at least two classes")
+        return opts
 
     def check_label(self, label: int | None, logits: np.ndarray) -> int:
         if label is None:

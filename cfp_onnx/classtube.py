@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cfp_onnx.errors import OptionError
+from cfp_onnx.options import CLASS_TUBES
 from cfp_onnx.pyramid import Pyramid
 from cfp_onnx.tubes import TubeMaker, upsample
 from cfp_onnx.xp import to_numpy
@@ -28,7 +29,7 @@ from cfp_onnx.xp import to_numpy
 if TYPE_CHECKING:
     from cfp_onnx.api import Explainer, Run
 
-KINDS = ("weighted", "contrast")
+KINDS = CLASS_TUBES
 CAPTIONS = {
     "weighted": "class tube: relevance-weighted depth-0 maps",
     "contrast": "class tube, contrast: this class's weighted depth-0 maps minus the mean "
@@ -97,7 +98,7 @@ def class_tube(
 ) -> np.ndarray:
     """The class tube of `pyr` at `size` ``(T, H, W)``, float32, not normalised.
 
-    `run` must hold ``tubes.map_tensors(ex, pyr.depth)``. ``contrast`` builds every
+    `run` must hold ``ex.map_tensors(pyr.depth)``. ``contrast`` builds every
     class's pyramid from the same run (one back-step level each), so its cost grows with
     the number of classes; with ``top_n`` each is a handful of kernels.
 

@@ -1,9 +1,9 @@
 """Two models, the same clip: do they predict alike, look alike, use alike kernels?
 
-* **class tube**: a model's depth-0 tubes (each min-max normalised) summed with its
-  kernels' relevance as weights; both models' class tubes are computed straight at a
-  common resolution (the smaller T, H and W of the two clips) and compared by
-  Spearman rank correlation and the IoU of their top-10% voxels.
+* **class tube**: each explanation's class tube (``cfp_onnx.classtube``, one definition),
+  resampled trilinearly to a common resolution (the smaller T, H and W of the two clips;
+  unchanged when the clips match) and compared by Spearman rank correlation and the IoU
+  of their top-10% voxels.
 * **pyramid overlap**: when the architectures match (same number of conv layers with
   the same weight shapes, paired in topological order, or paired by an explicit
   mapping of node names), the Jaccard index of the two pyramids' kernels at each depth.
@@ -20,10 +20,11 @@ import numpy as np
 
 from cfp_onnx.errors import OptionError
 from cfp_onnx.pyramid import Pyramid
-from cfp_onnx.tubes import TubeMaker
+from cfp_onnx.tubes import upsample
 
 if TYPE_CHECKING:
-    from cfp_onnx.api import Explainer, Run
+    from cfp_onnx.api import Explainer
+    from cfp_onnx.explanation import Explanation
 
 TOP_FRACTION = 0.1
 
@@ -84,19 +85,6 @@ def _fmt(x: float) -> str:
 
 
 # ----------------------------------------------------------------- class tubes
-
-
-def class_tube(ex: Explainer, pyr: Pyramid, run: Run, size: tuple[int, int, int]) -> np.ndarray:
-    """Relevance-weighted sum of the depth-0 tubes at `size` ``(T, H, W)``, float32.
-
-    Zeros for an empty pyramid.
-    """
-    nodes = np.flatnonzero(pyr.node_depth == 0)
-    if len(nodes) == 0:
-        return np.zeros(size, dtype=np.float32)
-    maps = TubeMaker(ex, pyr, run, size).tubes(nodes).maps
-    weights = pyr.node_relevance[nodes].astype(np.float32)
-    return np.tensordot(weights, maps, axes=1).astype(np.float32)
 
 
 def common_size(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int, int]:
@@ -193,23 +181,47 @@ def jaccard_per_depth(pa: Pyramid, pb: Pyramid, match: np.ndarray) -> tuple[floa
 # ----------------------------------------------------------------- everything
 
 
+def counterparts(pa: Pyramid, pb: Pyramid, match: np.ndarray, offsets_b: np.ndarray) -> np.ndarray:
+    """Per node of A, the node of B with the matched layer and the same channel (-1: none)."""
+    layer_b = match[pa.node_layer]
+    ok = layer_b >= 0
+    kernel = np.where(ok, offsets_b[np.maximum(layer_b, 0)] + pa.node_channel, 0)
+    ok &= kernel < len(pb.node_of)
+    out = np.full(len(pa.node_layer), -1, dtype=np.int64)
+    out[ok] = pb.node_of[kernel[ok]]
+    return out
+
+
 def agreement(
-    a: tuple[Explainer, Pyramid, Run, tuple[int, int, int]],
-    b: tuple[Explainer, Pyramid, Run, tuple[int, int, int]],
+    a: tuple[Explainer, Explanation],
+    b: tuple[Explainer, Explanation],
     *,
     mapping: Mapping[str, str] | None = None,
-) -> Agreement:
-    """Agreement of two explained clips; each side is (explainer, pyramid, run, clip T,H,W)."""
-    (ex_a, pa, run_a, size_a), (ex_b, pb, run_b, size_b) = a, b
-    size = common_size(size_a, size_b)
-    tube_a, tube_b = class_tube(ex_a, pa, run_a, size), class_tube(ex_b, pb, run_b, size)
+) -> tuple[Agreement, tuple[np.ndarray, np.ndarray] | None]:
+    """Agreement of two explanations of one clip (each with a class tube), and the
+    counterpart of each side's nodes in the other when the layers can be matched."""
+    (ex_a, ea), (ex_b, eb) = a, b
+    if ea.class_tube is None or eb.class_tube is None:
+        raise OptionError("agreement needs both explanations to have a class tube")
+    size = common_size(ea.class_tube.shape, eb.class_tube.shape)
+    tube_a, tube_b = (upsample(np, t[None], size)[0] for t in (ea.class_tube, eb.class_tube))
+    pa, pb = ea.pyramid, eb.pyramid
     match = match_layers(ex_a, ex_b, mapping)
-    return Agreement(
+    pairs = None
+    if match is not None:
+        back = np.full(len(ex_b.layers), -1, dtype=np.int64)
+        back[match[match >= 0]] = np.flatnonzero(match >= 0)
+        pairs = (
+            counterparts(pa, pb, match, ex_b.provenance.offsets),
+            counterparts(pb, pa, back, ex_a.provenance.offsets),
+        )
+    figures = Agreement(
         labels=(pa.label, pb.label),
-        predictions=(int(np.argmax(run_a.logits)), int(np.argmax(run_b.logits))),
+        predictions=(int(np.argmax(pa.logits)), int(np.argmax(pb.logits))),
         spearman=spearman(tube_a, tube_b),
         top_iou=top_iou(tube_a, tube_b),
         resolution=size,
         jaccard=None if match is None else jaccard_per_depth(pa, pb, match),
         matched_layers=None if match is None else int((match >= 0).sum()),
     )
+    return figures, pairs

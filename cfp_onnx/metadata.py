@@ -14,10 +14,9 @@ from typing import Any
 import onnx
 
 from cfp_onnx.errors import ModelError
+from cfp_onnx.options import LAYOUTS
 
 PREFIX = "cfp."
-LAYOUTS = ("NCDHW", "NDHWC")
-"""Clip layouts: channels first (PyTorch) or channels last (Keras), batch axis first."""
 
 KNOWN_KEYS = ("layout", "mean", "std", "frames", "size", "class_names", "exporter", "source")
 

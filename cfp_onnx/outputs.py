@@ -10,6 +10,7 @@ fully staged but not yet renamed into place, so a test can signal a run mid-writ
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,8 +20,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from cfp_onnx.errors import OutputError
+
+if TYPE_CHECKING:
+    from cfp_onnx.explanation import Explanation
 
 
 def check_target(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
@@ -122,3 +129,80 @@ def write_file(
         tmp.unlink(missing_ok=True)
         raise
     return dest
+
+
+# --------------------------------------------------------------------------- an explanation's files
+
+
+def write(explanation: Explanation, folder: Path, *, html: str | None = None) -> list[Path]:
+    """Write what `explanation.options` asks for into `folder` (staged by the caller).
+
+    ``pyramid.json`` always (SPEC §5), ``reference.json`` + ``tree.json`` with
+    ``format="reference"``, ``class_tube.npy`` (signed, clip size) with a class tube,
+    ``tubes/`` pictures of the graph's kernels only when ``tube_files`` names some, and
+    ``report.html`` (`html`, or rendered here) unless ``report=False``.
+
+    Raises:
+        OutputError: the disk is full, read-only, or the folder vanished.
+    """
+    e, opts = explanation, explanation.options
+    written = [folder / "pyramid.json"]
+    try:
+        with written[0].open("wb") as f:
+            e.pyramid.write_json(f)
+        if opts.format == "reference":
+            for name, doc in (
+                ("reference.json", e.pyramid.to_reference()),
+                ("tree.json", e.pyramid.to_tree()),
+            ):
+                (folder / name).write_text(json.dumps(doc))
+                written.append(folder / name)
+        if e.class_tube is not None:
+            np.save(folder / "class_tube.npy", e.class_tube)
+            written.append(folder / "class_tube.npy")
+        if opts.tube_files and e.maps is not None:
+            written += _tube_files(e, folder / "tubes")
+        if opts.report:
+            from cfp_onnx import report
+
+            page = html if html is not None else report.render([e])
+            (folder / "report.html").write_text(page, encoding="utf-8")
+            written.append(folder / "report.html")
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write into {str(folder)!r} ({exc.strerror or exc}); free some space or "
+            "choose another --out"
+        ) from None
+    return written
+
+
+def _tube_files(e: Explanation, folder: Path) -> list[Path]:
+    """Strip/GIF/stack pictures of the graph's kernels (and the class tube), as asked."""
+    from cfp_onnx import report, tubes
+
+    assert e.maps is not None
+    folder.mkdir(exist_ok=True)
+    kinds, fps, size = e.options.tube_files, e.options.fps, e.clip.frames.shape[:3]
+    out: list[Path] = []
+    shown = e.shown
+    for start in range(0, len(shown), tubes.CHUNK):
+        part = shown[start : start + tubes.CHUNK]
+        for node, tube in zip(part.tolist(), e.maps.tubes(part, size)):
+            stem = tubes.safe_stem(node, e.pyramid.layers[int(e.pyramid.node_layer[node])],
+                                   int(e.pyramid.node_channel[node]))  # fmt: skip
+            blended = tubes.overlay(e.clip.frames, tube)
+            out += [folder / n for n in tubes.write_kernel_files(folder, stem, blended, fps, kinds)]
+    if e.class_tube is not None:
+        rgb, _ = report.diverging(e.class_tube)
+        blended = cv2_blend(e.clip.frames, rgb)
+        out += [
+            folder / n for n in tubes.write_kernel_files(folder, "class_tube", blended, fps, kinds)
+        ]
+    return out
+
+
+def cv2_blend(frames: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """Half and half, as the tubes are blended."""
+    import cv2
+
+    return cv2.addWeighted(frames, 0.5, rgb, 0.5, 0)

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-HEAD_MODES = ("weights", "contribution", "contrastive")
-
 Array = Any  # numpy.ndarray or cupy.ndarray
 
 

@@ -3,7 +3,7 @@
 A kernel ``(L, j)`` that has children shows the sum of the input channels its
 back-step kept (the activations ``L`` reads; optionally weighted by ``r'``); a
 kernel without children shows its own output map ``y_L[j]``. Maps come from the
-run that gave the prediction (request :func:`map_tensors` in ``Explainer.run``),
+run that gave the prediction (``Explainer.plan(depth, maps=True)``),
 are upsampled trilinearly (``align_corners=False``) to the clip, min-max
 normalised over the whole tube, coloured with OpenCV's JET and blended half and
 half with the display frames.
@@ -42,24 +42,6 @@ CHUNK = 16
 # ----------------------------------------------------------------- which maps a run must return
 
 
-def map_tensors(ex: Explainer, depth: int) -> tuple[str, ...]:
-    """Full maps a run must return so any kernel of a depth-`depth` pyramid can be shown.
-
-    Inputs of the layers a pyramid can expand (kernels with children), and outputs of
-    the layers that can hold childless kernels: the deepest level, and layers whose
-    input carries no conv (the first convs).
-    """
-    levels = ex.levels(depth)
-    names: dict[str, None] = {}
-    for i in ex.expanded_layers(depth).tolist():
-        names[ex.layers[i].input] = None
-        if len(ex.input_csr(i).kernels) == 0:
-            names[ex.layers[i].output] = None
-    for i in levels[-1].tolist():
-        names[ex.layers[int(i)].output] = None
-    return tuple(names)
-
-
 def shown_nodes(pyr: Pyramid, per_depth: int = 64) -> np.ndarray:
     """The `per_depth` most relevant kernels of each depth (ties: lower id), in id order."""
     if per_depth < 1:
@@ -94,44 +76,70 @@ def selections(
 ) -> list[Selection]:
     """Group kernels by the tensor their map is read from, with their selection rows.
 
+    A kernel with children reads the input channels its back-step kept; so does one with
+    kept channels whose output map was not returned; any other kernel shows its own output
+    channel. Vectorised over kernels: the loops run over layers and tensors only.
+
     Raises:
         OptionError: a kernel's map is not among `available` (the run did not request it).
     """
-    parents = np.zeros(len(pyr.node_layer), dtype=bool)
+    nodes = np.asarray(nodes, dtype=np.int64)
+    n_all = len(pyr.node_layer)
+    parents = np.zeros(n_all, dtype=bool)
     parents[pyr.link_source] = True
-    groups: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for pos, node in enumerate(np.asarray(nodes, dtype=np.int64).tolist()):
-        tensor, row = _source(ex, pyr, node, bool(parents[node]), available, weighted)
-        groups.setdefault(tensor, []).append((pos, row))
-    return [
-        Selection(t, np.array([p for p, _ in g]), np.stack([r for _, r in g]))
-        for t, g in groups.items()
-    ]
+    has_kept = np.zeros(n_all, dtype=bool)
+    has_kept[pyr.kept_node] = True
+    ins = np.array([lay.input in available for lay in ex.layers], dtype=bool)
+    outs = np.array([lay.output in available for lay in ex.layers], dtype=bool)
+    layer = pyr.node_layer[nodes]
+    use_in = (parents[nodes] | (has_kept[nodes] & ~outs[layer])) & ins[layer]
+    use_out = ~use_in & outs[layer]
+    missing = np.flatnonzero(~(use_in | use_out))
+    if len(missing):
+        raise OptionError(
+            f"no feature map for kernel {pyr.kernel_name(int(nodes[missing[0]]))!r}: run the "
+            "clip with full=explainer.map_tensors(depth) to show its tube"
+        )
+    users: dict[str, list[tuple[int, bool]]] = {}  # tensor -> (layer, reads it as input)
+    for li in np.unique(layer).tolist():
+        lay = ex.layers[li]
+        users.setdefault(lay.input, []).append((li, True))
+        users.setdefault(lay.output, []).append((li, False))
+    out = []
+    for name, readers in users.items():
+        mask = np.zeros(len(nodes), dtype=bool)
+        for li, reads_input in readers:
+            mask |= (layer == li) & (use_in if reads_input else use_out)
+        rows = np.flatnonzero(mask)
+        if len(rows):
+            out.append(
+                Selection(
+                    name, rows, _weights(ex, pyr, nodes[rows], use_in[rows], readers, weighted)
+                )
+            )
+    return out
 
 
-def _source(
+def _weights(
     ex: Explainer,
     pyr: Pyramid,
-    node: int,
-    has_children: bool,
-    available: Mapping[str, Any],
+    nodes: np.ndarray,
+    from_input: np.ndarray,
+    readers: list[tuple[int, bool]],
     weighted: bool,
-) -> tuple[str, np.ndarray]:
-    layer = ex.layers[int(pyr.node_layer[node])]
-    kept = pyr.kept_node == node
-    if has_children or (kept.any() and layer.output not in available):
-        if layer.input in available:
-            row = np.zeros(layer.c_in, dtype=np.float32)
-            row[pyr.kept_channel[kept]] = pyr.kept_score[kept] if weighted else 1.0
-            return layer.input, row
-    if layer.output in available:
-        row = np.zeros(layer.c_out, dtype=np.float32)
-        row[int(pyr.node_channel[node])] = 1.0
-        return layer.output, row
-    raise OptionError(
-        f"no feature map for kernel {pyr.kernel_name(node)!r}: run the clip with "
-        "full=map_tensors(explainer, depth) to show its tube"
-    )
+) -> np.ndarray:
+    """Selection rows ``[len(nodes), C]`` over one tensor: kept input channels (1 or r'),
+    or the kernel's own output channel."""
+    lay = ex.layers[readers[0][0]]
+    weights = np.zeros((len(nodes), lay.c_in if readers[0][1] else lay.c_out), np.float32)
+    row_of = np.full(len(pyr.node_layer), -1, dtype=np.int64)
+    row_of[nodes[from_input]] = np.flatnonzero(from_input)
+    row = row_of[pyr.kept_node]
+    take = row >= 0
+    weights[row[take], pyr.kept_channel[take]] = pyr.kept_score[take] if weighted else 1.0
+    own = np.flatnonzero(~from_input)
+    weights[own, pyr.node_channel[nodes[own]]] = 1.0
+    return weights
 
 
 def raw_maps(xp: ModuleType, full: Mapping[str, Any], sel: Selection) -> Array:
@@ -359,12 +367,24 @@ def write_animation(path: Path, frames: np.ndarray, fps: float = 8.0) -> None:
         raise OutputError(f"cannot write animation {path}")
 
 
-def write_kernel_files(folder: Path, stem: str, frames: np.ndarray, fps: float = 8.0) -> list[str]:
-    """Strip PNG, animated GIF and stacked tube PNG of one blended tube; returns file names."""
-    names = [f"{stem}_strip.png", f"{stem}.gif", f"{stem}_stack.png"]
-    write_image(folder / names[0], strip(frames))
-    write_animation(folder / names[1], frames, fps)
-    write_image(folder / names[2], stack(frames))
+def write_kernel_files(
+    folder: Path,
+    stem: str,
+    frames: np.ndarray,
+    fps: float = 8.0,
+    kinds: Sequence[str] = ("strip", "gif", "stack"),
+) -> list[str]:
+    """Strip PNG, animated GIF and/or stacked tube PNG of one blended tube; returns names."""
+    names = []
+    if "strip" in kinds:
+        names.append(f"{stem}_strip.png")
+        write_image(folder / names[-1], strip(frames))
+    if "gif" in kinds:
+        names.append(f"{stem}.gif")
+        write_animation(folder / names[-1], frames, fps)
+    if "stack" in kinds:
+        names.append(f"{stem}_stack.png")
+        write_image(folder / names[-1], stack(frames))
     return names
 
 

@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 
 from cfp_onnx.errors import ClipError, OptionError, OutputError
+from cfp_onnx.options import LAYOUTS, SAMPLINGS
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ VIDEO_EXTENSIONS = frozenset(
 )
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 TENSOR_EXTENSIONS = frozenset({".npy"})
-LAYOUTS = ("NCDHW", "NDHWC")
-SAMPLINGS = ("uniform", "strided")
 
 Layout = Literal["NCDHW", "NDHWC"]
 Sampling = Literal["uniform", "strided"]
@@ -246,6 +245,13 @@ class _Source:
         """Read the frames at ``indices`` (any order, repeats allowed) as RGB uint8."""
         raise NotImplementedError
 
+    def stream(
+        self, picks: list[np.ndarray], transform: FrameTransform | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(indices, frames)`` of each pick in turn (random access: read one at a time)."""
+        for idx in picks:
+            yield idx, self.read(idx, transform)
+
 
 class _FolderSource(_Source):
     """A folder of image files, one frame each, in natural sort order."""
@@ -342,6 +348,37 @@ class _VideoSource(_Source):
                 f"{self.path}: frame {max(wanted - set(got))} did not decode; the video may be corrupt"
             )
         return np.stack([got[int(i)] for i in indices])
+
+    def stream(
+        self, picks: list[np.ndarray], transform: FrameTransform | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """One decoding pass; a pick is yielded as soon as its last frame is decoded, and a
+        frame is dropped once no later pick needs it."""
+        order = sorted(range(len(picks)), key=lambda k: int(picks[k].max()))
+        need: dict[int, int] = {}  # frame -> picks still to yield that use it
+        for idx in picks:
+            for i in set(idx.tolist()):
+                need[i] = need.get(i, 0) + 1
+        held: dict[int, np.ndarray] = {}
+        pending = iter(order)
+        nxt = next(pending, None)
+        with _capture(self.path) as cap:
+            for i, bgr in enumerate(_decode(cap, int(max(p.max() for p in picks)) + 1)):
+                if i in need:
+                    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                    held[i] = transform(rgb) if transform else rgb
+                while nxt is not None and int(picks[nxt].max()) <= i:
+                    idx = picks[nxt]
+                    yield idx, np.stack([held[int(j)] for j in idx])
+                    for j in set(idx.tolist()):
+                        need[j] -= 1
+                        if need[j] == 0:
+                            held.pop(j, None)
+                    nxt = next(pending, None)
+        if nxt is not None:
+            raise ClipError(
+                f"{self.path}: frame {int(picks[nxt].max())} did not decode; the video may be corrupt"
+            )
 
 
 class _capture:
@@ -548,20 +585,15 @@ def load_clip(
     return _make_clip(source, indices, source.read(indices, _spatial(preprocess)), preprocess)
 
 
-def load_windows(
+def window_spans(
     path: str | os.PathLike[str],
     preprocess: Preprocess,
     window: int | None = None,
     stride: int | None = None,
     *,
     loop: bool = False,
-) -> list[Clip]:
-    """Clips for sliding windows over a whole video, for per-window explanations.
-
-    Args:
-        window: window length in source frames (default ``preprocess.frames``); a
-            longer window is sampled uniformly down to ``preprocess.frames``.
-        stride: frames between window starts (default ``window``: no overlap).
+) -> tuple[_Source, list[np.ndarray]]:
+    """The source and each window's sampled frame indices (counting frames, decoding none).
 
     Raises:
         ClipError: unreadable input, a ``.npy`` (already one clip), or a video
@@ -578,13 +610,42 @@ def load_windows(
         raise OptionError(f"window {window} is shorter than the model's {preprocess.frames} frames")
     source = _open_source(p)
     spans = sliding_windows(source.count(), window, stride or window, loop=loop)
-    picks = [span[sample_indices(window, preprocess.frames)] for span in spans]
-    needed = np.unique(np.concatenate(picks))
-    decoded = source.read(needed, _spatial(preprocess))
-    row = {int(i): k for k, i in enumerate(needed)}
-    return [
-        _make_clip(source, idx, decoded[[row[int(i)] for i in idx]], preprocess) for idx in picks
-    ]
+    return source, [span[sample_indices(window, preprocess.frames)] for span in spans]
+
+
+def iter_windows(
+    path: str | os.PathLike[str],
+    preprocess: Preprocess,
+    window: int | None = None,
+    stride: int | None = None,
+    *,
+    loop: bool = False,
+) -> Iterator[Clip]:
+    """Clips for sliding windows over a whole video, one at a time, in order.
+
+    The video is decoded once; only the frames of windows not yet yielded are held, so
+    memory does not grow with the video's length.
+
+    Args:
+        window: window length in source frames (default ``preprocess.frames``); a
+            longer window is sampled uniformly down to ``preprocess.frames``.
+        stride: frames between window starts (default ``window``: no overlap).
+    """
+    source, picks = window_spans(path, preprocess, window, stride, loop=loop)
+    for idx, frames in source.stream(picks, _spatial(preprocess)):
+        yield _make_clip(source, idx, frames, preprocess)
+
+
+def load_windows(
+    path: str | os.PathLike[str],
+    preprocess: Preprocess,
+    window: int | None = None,
+    stride: int | None = None,
+    *,
+    loop: bool = False,
+) -> list[Clip]:
+    """Every window's clip at once (see iter_windows, which streams them)."""
+    return list(iter_windows(path, preprocess, window, stride, loop=loop))
 
 
 def _make_clip(

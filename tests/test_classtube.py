@@ -30,7 +30,7 @@ def explained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Explainer
     export_torch(Plain(), CLIP, path)
     x = np.random.default_rng(3).normal(size=CLIP).astype(np.float32)
     ex = Explainer(str(path), clip_shape=x.shape)
-    return path, ex, ex.run(x, depth=3, full=tubes.map_tensors(ex, 3)), x
+    return path, ex, ex.run(x, depth=3, full=ex.map_tensors(3)), x
 
 
 def slow_tube(ex: Explainer, pyr: Pyramid, run: Run) -> np.ndarray:
@@ -53,7 +53,7 @@ def slow_tube(ex: Explainer, pyr: Pyramid, run: Run) -> np.ndarray:
 @pytest.mark.parametrize(("depth", "top_n"), [(3, None), (3, 2), (1, None)])
 def test_weighted_tube_is_the_relevance_weighted_sum_of_depth0_maps(explained, depth, top_n):
     _, ex, _, x = explained
-    run = ex.run(x, depth=depth, full=tubes.map_tensors(ex, depth))
+    run = ex.run(x, depth=depth, full=ex.map_tensors(depth))
     pyr = ex.pyramid(run, depth=depth, theta=0.3 if top_n is None else 0.0, top_n=top_n)
     assert (pyr.node_depth == 0).sum() >= 2
     got = classtube.class_tube(ex, run, pyr, SIZE, "weighted")
@@ -86,7 +86,7 @@ def test_cli_writes_the_contrast_tube_and_shows_it(explained, tmp_path):
     np.save(tmp_path / "clip.npy", x)
     cfp = str(Path(sys.executable).with_name("cfp"))
     args = ["explain", str(path), "--clip", "clip.npy", "--theta", "0", "--top-n", "2",
-            "--class-tube", "contrast", "--no-shuffle"]  # fmt: skip
+            "--class-tube", "contrast", "--no-shuffle", "--tubes", "gif"]  # fmt: skip
     r = subprocess.run([*(cfp, *args), "--out", "out"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr

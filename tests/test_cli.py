@@ -98,7 +98,7 @@ def test_bad_model_and_clip(setup):
         (["missing.onnx", "--clip", "clip.npy"], "does not exist"),
         ([str(model), "--clip", "bad.npy"], "expects (batch, 3, 4, 16, 16)"),
         ([str(model), "--clip", "nan.npy"], "NaN"),
-        ([str(model), "--clip", "nothing.npy"], "does not exist"),
+        ([str(model), "--clip", "nothing.npy"], "no such file or folder"),
     ]
     for args, msg in cases:
         r = cfp("explain", *args, "--out", "o", cwd=tmp)

@@ -38,7 +38,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_explain_video_writes_pyramid_report_and_tubes(files: dict[str, Path]) -> None:
     out = files["root"] / "one"
     r = cfp("explain", str(files["model"]), "--clip", str(files["video"]), "--out", str(out),
-            "--depth", "2", "--theta", "0.3")  # fmt: skip
+            "--depth", "2", "--theta", "0.3", "--tubes", "strip,gif,stack")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "prediction: class 0 (red)" in r.stdout
     assert f"report: {out / 'report.html'}" in r.stdout
@@ -59,14 +59,19 @@ def test_sliding_windows_give_one_pyramid_per_window(files: dict[str, Path]) -> 
     assert r.returncode == 0, r.stderr
     windows = sorted(p.name for p in out.iterdir())
     assert windows == [
+        "index.html",
         "window_000",
         "window_001",
         "window_002",
         "window_003",
     ]  # 0, 6, 12, then 14 to reach the end
-    assert "window 3: frames 14..23" in r.stdout
-    for w in windows:
+    assert "window window_003: frames 14..23" in r.stdout
+    index = (out / "index.html").read_text()
+    for w in windows[1:]:
         assert (out / w / "pyramid.json").is_file() and (out / w / "report.html").is_file()
+        assert f'href="{w}/report.html"' in index  # the index links every window
+        first = json.loads((out / w / "pyramid.json").read_text())
+        assert f"{first['score']:.4g}" in index  # and lists its score
 
 
 def test_no_report_no_tubes_writes_only_the_pyramid(files: dict[str, Path]) -> None:

@@ -235,7 +235,7 @@ def test_tubes_through_the_array_switch(tiny) -> None:
     ref = Explainer(model, clip_shape=clips[0].shape)
     ex = Explainer(model, clip_shape=clips[0].shape)
     ex.xp = CupyLikeNumpy()
-    full = tubes.map_tensors(ref, 3)
+    full = ref.map_tensors(3)
     for e in (ref, ex):
         run = e.run(clips[0], full=full)
         pyr = e.pyramid(run, theta=0.4)
@@ -318,12 +318,12 @@ def test_cuda_run_keeps_maps_on_the_gpu(tiny) -> None:
 
     model, clips = tiny
     ex = Explainer(model, clip_shape=clips[0].shape, device="cuda")
-    run = ex.run(clips[0], full=tubes.map_tensors(ex, 3))
+    run = ex.run(clips[0], full=ex.map_tensors(3))
     assert isinstance(run.logits, np.ndarray)
     assert all(isinstance(v, cupy.ndarray) for v in run.full.values())
     assert all(isinstance(v, cupy.ndarray) for v in run.pooled.values())
     cpu = Explainer(model, clip_shape=clips[0].shape)
-    host = cpu.run(clips[0], full=tubes.map_tensors(cpu, 3))
+    host = cpu.run(clips[0], full=cpu.map_tensors(3))
     for k, v in host.full.items():
         np.testing.assert_allclose(cupy.asnumpy(run.full[k]), v, atol=1e-5)
     pa, pb = cpu.pyramid(host, theta=0.4), ex.pyramid(run, theta=0.4)

@@ -22,7 +22,7 @@ def _explain(
     model: Path, x: np.ndarray, depth: int, **kw: object
 ) -> tuple[Explainer, Run, Pyramid]:
     ex = Explainer(str(model), clip_shape=x.shape)
-    run = ex.run(x, depth=depth, full=tubes.map_tensors(ex, depth))
+    run = ex.run(x, depth=depth, full=ex.map_tensors(depth))
     return ex, run, ex.pyramid(run, depth=depth, **kw)  # type: ignore[arg-type]
 
 
@@ -112,7 +112,7 @@ def test_frame_shuffle_labels_motion_and_appearance(color: tuple) -> None:  # ty
     perm = tubes.shuffle_order(frames.shape[0])
     assert not np.any(perm == np.arange(len(perm)))
     x = to_tensor(frames)
-    shuffled = ex.run(tubes.shuffle_frames(x, 2, perm), depth=2, full=tubes.map_tensors(ex, 2))
+    shuffled = ex.run(tubes.shuffle_frames(x, 2, perm), depth=2, full=ex.map_tensors(2))
     test = tubes.motion_test(tubes.TubeMaker(ex, pyr, run, frames.shape[:3]), nodes, shuffled, perm)
     assert test.ratio[0] == pytest.approx(1.0, abs=0.01)  # a per-frame colour detector
     assert test.labels == ("appearance", "motion")  # red that persists over three frames
@@ -120,7 +120,7 @@ def test_frame_shuffle_labels_motion_and_appearance(color: tuple) -> None:  # ty
 
 def test_missing_map_is_a_clear_error(color: tuple) -> None:  # type: ignore[type-arg]
     ex, run, pyr, frames, _ = color
-    bare = Run(run.logits, run.features, run.pooled, {})
+    bare = Run(run.logits, run.features, run.pooled, {}, run.plan)
     with pytest.raises(OptionError, match="map_tensors"):
         tubes.TubeMaker(ex, pyr, bare, frames.shape[:3]).tubes([0])
 

@@ -24,8 +24,7 @@ from cfp_onnx.engines import ENGINES, make_engine
 from cfp_onnx.errors import OptionError
 from cfp_onnx.loading import load_model
 from cfp_onnx.modelinfo import class_names
-from cfp_onnx.relevance import HEAD_MODES
-from cfp_onnx.video import LAYOUTS, SAMPLINGS
+from cfp_onnx.options import HEAD_MODES, LAYOUTS, SAMPLINGS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import numpy as np
-
-from cfp_onnx.loading import LoadedModel
-from cfp_onnx.modelinfo import preprocess_for
-from cfp_onnx.relevance import HEAD_MODES
-from cfp_onnx.video import LAYOUTS, SAMPLINGS, Clip, load_clip
+from cfp_onnx.options import (
+    CLASS_TUBES,
+    HEAD_MODES,
+    LAYOUTS,
+    SAMPLINGS,
+    TUBE_FILES,
+    ClipOptions,
+    PyramidOptions,
+    ViewOptions,
+)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -49,16 +52,58 @@ def add_pyramid_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-mode", choices=HEAD_MODES, default="weights", help="depth-0 scoring")
 
 
-def open_clip(args: argparse.Namespace, loaded: LoadedModel) -> Clip | np.ndarray:
-    """A ``.npy`` is used as is; anything else is decoded and preprocessed for the model."""
-    if Path(args.clip).suffix.lower() == ".npy":
-        from cfp_onnx.api import load_array
+def add_view_args(g: argparse._ArgumentGroup) -> None:
+    """Report and tube options (explain, compare, demo)."""
+    g.add_argument("--no-report", action="store_true", help="do not write report.html")
+    g.add_argument(
+        "--no-tubes", action="store_true",
+        help="a report without tubes (skips every kernel's map) and no tube files",
+    )  # fmt: skip
+    g.add_argument(
+        "--tubes", type=_names, metavar="KINDS", default=(),
+        help=f"also write per-kernel pictures into tubes/: {','.join(TUBE_FILES)} "
+        "(comma-separated; for the kernels the graph shows)",
+    )  # fmt: skip
+    g.add_argument(
+        "--per-depth", type=int, default=64, metavar="K",
+        help="kernels drawn in the graph (and given tube files) per depth (default 64)",
+    )  # fmt: skip
+    g.add_argument("--weighted", action="store_true", help="tube maps weighted by relevance r'")
+    g.add_argument(
+        "--class-tube", choices=CLASS_TUBES, metavar="KIND",
+        help="also draw the class tube: 'weighted' (relevance-weighted depth-0 maps) or "
+        "'contrast' (minus the mean over all classes; recommended with --top-n 5 --theta 0)",
+    )  # fmt: skip
+    g.add_argument("--no-shuffle", action="store_true", help="skip the frame-shuffle test")
+    g.add_argument("--fps", type=float, default=8.0, help="tube playback speed (default 8)")
 
-        return load_array(args.clip)
-    pre = preprocess_for(
-        loaded, layout=args.layout, frames=args.frames, size=args.size, mean=args.mean, std=args.std
-    )
-    return load_clip(args.clip, pre, sampling=args.sampling)
+
+def pyramid_options(args: argparse.Namespace) -> PyramidOptions:
+    return PyramidOptions(
+        depth=args.depth, theta=args.theta, top_n=args.top_n, head_mode=args.head_mode,
+        label=args.label,
+    )  # fmt: skip
+
+
+def clip_options(args: argparse.Namespace) -> ClipOptions:
+    return ClipOptions(
+        layout=getattr(args, "layout", None), frames=args.frames, size=args.size,
+        mean=args.mean, std=args.std, sampling=args.sampling,
+        window=getattr(args, "window", None), stride=getattr(args, "stride", None),
+    )  # fmt: skip
+
+
+def view_options(args: argparse.Namespace) -> ViewOptions:
+    return ViewOptions(
+        report=not args.no_report, maps=not args.no_tubes,
+        tube_files=() if args.no_tubes else args.tubes, per_depth=args.per_depth,
+        weighted=args.weighted, class_tube=args.class_tube, shuffle=not args.no_shuffle,
+        fps=args.fps, format=getattr(args, "format", "json"),
+    )  # fmt: skip
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _int(name: str):  # type: ignore[no-untyped-def]

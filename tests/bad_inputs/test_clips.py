@@ -26,7 +26,7 @@ ARRAYS = [
     ),
     ("too-few-frames", np.zeros((1, 3, 4, 32, 32), np.float32), ("expects (1, 3, 8, 32, 32)",)),
     ("zero-size", np.zeros((1, 3, 0, 32, 32), np.float32), ("zero-size axis",)),
-    ("batch-2", np.zeros((2, 3, 8, 32, 32), np.float32), ("with batch 1",)),
+    ("batch-2", np.zeros((2, 3, 8, 32, 32), np.float32), ("has batch 2", "one clip per file")),
     ("nan", np.full(GOOD, np.nan, np.float32), ("NaN/Inf values",)),
     ("inf", np.full(GOOD, np.inf, np.float32), ("NaN/Inf values",)),
     ("overflow", np.full(GOOD, 1e300, np.float64), ("NaN/Inf",)),
@@ -53,7 +53,7 @@ def test_pickled_object_array_is_not_loaded(work, refused):
         "obj.npy",
         "--out",
         "out",
-        fragments=("is not a readable .npy array",),
+        fragments=("not a plain numeric .npy",),
     )
 
 

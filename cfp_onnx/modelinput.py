@@ -1,0 +1,108 @@
+"""What a model takes as input, worked out once: layout, time axis, preprocessing.
+
+``ModelInput.of(loaded, ClipOptions)`` reads the model's declared shape and metadata
+with the user's overrides; ``clip`` and ``windows`` then turn a file (video, frame folder
+or ``.npy``) or an array into ``Clip``s through ``cfp_onnx.video``, the one way a clip
+comes in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cfp_onnx.errors import CfpError, ClipError
+from cfp_onnx.loading import LoadedModel, declared_shape, graph_input
+from cfp_onnx.modelinfo import guess_layout
+from cfp_onnx.options import ClipOptions
+
+if TYPE_CHECKING:
+    from cfp_onnx.video import Clip, Preprocess
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """The model's clip layout and preprocessing (None: a dynamic size nobody gave)."""
+
+    layout: str
+    preprocess: Preprocess | None
+    options: ClipOptions
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, options: ClipOptions | None = None) -> ModelInput:
+        opts = options or ClipOptions()
+        try:
+            pre: Preprocess | None = opts.preprocess(loaded)
+        except CfpError:
+            pre = None  # a .npy clip needs no preprocessing; a video says why when read
+        layout: str
+        if pre is not None:
+            layout = pre.layout
+        else:
+            shape = declared_shape(graph_input(loaded.proto))
+            layout = opts.layout or guess_layout(shape)
+        return cls(layout, pre, opts)
+
+    @property
+    def time_axis(self) -> int:
+        """The time axis of the model input (batch axis first)."""
+        return 2 if self.layout == "NCDHW" else 1
+
+    def clip(self, source: Any, loaded: LoadedModel) -> Clip:
+        """One clip from a Clip, an array (the model's layout, batch axis optional) or a file."""
+        from cfp_onnx import video
+
+        if isinstance(source, video.Clip):
+            return source
+        if isinstance(source, np.ndarray):
+            return self._array_clip(source)
+        path = _path(source)
+        if path.suffix.lower() in video.TENSOR_EXTENSIONS and not path.is_dir():
+            return video.load_clip(path, self._npy_preprocess())
+        return video.load_clip(path, self._video_preprocess(loaded), sampling=self.sampling)
+
+    def windows(self, source: Any, loaded: LoadedModel) -> tuple[int, Iterator[Clip]]:
+        """How many windows of ``options.window`` frames every ``options.stride`` a video
+        gives, and the clips one at a time (decoded in one pass, streamed)."""
+        from cfp_onnx import video
+
+        pre = self._video_preprocess(loaded)
+        path, size, step = _path(source), self.options.window, self.options.stride
+        count = len(video.window_spans(path, pre, size, step)[1])
+        return count, video.iter_windows(path, pre, size, step)
+
+    @property
+    def sampling(self) -> Any:
+        return self.options.sampling
+
+    def _video_preprocess(self, loaded: LoadedModel) -> Preprocess:
+        return self.preprocess if self.preprocess is not None else self.options.preprocess(loaded)
+
+    def _npy_preprocess(self) -> Preprocess:
+        from cfp_onnx.video import Preprocess
+
+        return self.preprocess or Preprocess(layout=self.layout)  # type: ignore[arg-type]
+
+    def _array_clip(self, arr: np.ndarray) -> Clip:
+        from cfp_onnx.video import Clip, check_tensor, tensor_to_frames
+
+        check_tensor(arr, Path("<array>"))
+        tensor = np.ascontiguousarray(arr[None] if arr.ndim == 4 else arr)
+        frames = tensor_to_frames(tensor[0], self.layout)  # type: ignore[arg-type]
+        indices = np.arange(frames.shape[0], dtype=np.int64)
+        return Clip(tensor=tensor, frames=frames, indices=indices, source=Path("<array>"))
+
+
+def _path(source: Any) -> Path:
+    """A clip that is not an array must be a path; anything else is a user error."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise ClipError(
+            "clip must be a numpy array or a path to a .npy / video / frame folder "
+            f"(got {type(source).__name__})"
+        )
+    return Path(source)

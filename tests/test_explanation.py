@@ -1,0 +1,119 @@
+"""The explanation layer: one pyramid.json whatever the entry point, one report from an
+Explanation, lean outputs within their size bound, every kernel's map from one run."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cfp_onnx import report
+from cfp_onnx.api import Explainer
+from cfp_onnx.batch import BatchOptions, ClipTask, WorkerSpec, run_batch
+from cfp_onnx.commands import explain_to
+from cfp_onnx.engines import LocalEngine
+from cfp_onnx.explanation import explain
+from cfp_onnx.loading import load_model
+from cfp_onnx.modelinput import ModelInput
+from cfp_onnx.options import PyramidOptions, ViewOptions
+from tests import nets
+from tests.bad_inputs.conftest import cfp
+
+OPTIONS = ("--theta", "0.4", "--depth", "3", "--top-n", "4")
+
+
+@pytest.fixture(scope="module")
+def case(exported, tmp_path_factory):  # type: ignore[no-untyped-def]
+    _, path = exported("residual")
+    root = tmp_path_factory.mktemp("explanation")
+    clip = np.random.default_rng(3).standard_normal(nets.CLIP).astype(np.float32)
+    np.save(root / "clip.npy", clip)
+    return path, root, clip
+
+
+def test_cli_api_and_batch_write_byte_identical_pyramids(case) -> None:  # type: ignore[no-untyped-def]
+    path, root, clip = case
+    r = cfp("explain", str(path), "--clip", "clip.npy", "--out", "cli", *OPTIONS, cwd=root)
+    assert r.returncode == 0, r.stderr
+    opts = PyramidOptions(depth=3, theta=0.4, top_n=4)
+    explain_to(path, root / "clip.npy", root / "api", pyramid=opts)
+    run_batch(
+        WorkerSpec(str(path), BatchOptions(depth=3, theta=0.4, top_n=4)),
+        [ClipTask("clip", str(root / "clip.npy"), None)], root / "batch", engine=LocalEngine(),
+    )  # fmt: skip
+    cli = (root / "cli" / "pyramid.json").read_bytes()
+    assert cli == (root / "api" / "pyramid.json").read_bytes()
+    assert cli == (root / "batch" / "clips" / "clip" / "pyramid.json").read_bytes()
+    assert Explainer(path, clip_shape=clip.shape).explain(clip, opts).to_json().encode() == cli
+
+
+def test_the_report_of_an_explanation_is_the_one_the_cli_writes(case) -> None:  # type: ignore[no-untyped-def]
+    path, root, clip = case
+    r = cfp("explain", str(path), "--clip", "clip.npy", "--out", "page", *OPTIONS, cwd=root)
+    assert r.returncode == 0, r.stderr
+    loaded = load_model(path)
+    mi = ModelInput.of(loaded)
+    e = explain(Explainer(loaded, clip_shape=clip.shape), mi.clip(root / "clip.npy", loaded), mi,
+                PyramidOptions(depth=3, theta=0.4, top_n=4), ViewOptions())  # fmt: skip
+    nonce = re.compile(r"nonce-[^']+'|nonce=\"[^\"]+\"")
+    cli = nonce.sub("N", (root / "page" / "report.html").read_text())
+    assert nonce.sub("N", report.render([e])) == cli
+
+
+def test_every_kernel_has_its_map_and_tubes_follow_spec_6(case) -> None:  # type: ignore[no-untyped-def]
+    """The maps kept for the page give SPEC §6 tubes: checked against TubeMaker (the
+    per-kernel selection path) for every node."""
+    from cfp_onnx.tubes import TubeMaker
+
+    path, root, clip = case
+    loaded = load_model(path)
+    ex, mi = Explainer(loaded, clip_shape=clip.shape), ModelInput.of(loaded)
+    c = mi.clip(clip, loaded)
+    e = explain(ex, c, mi, PyramidOptions(theta=0.4, top_n=4), ViewOptions(shuffle=False))
+    assert e.maps is not None
+    n = len(e.pyramid.node_layer)
+    assert len(e.maps.group) == n and n > 10
+    run = ex.run(clip, depth=3, full=ex.map_tensors(3))
+    maker = TubeMaker(ex, e.pyramid, run, c.frames.shape[:3])
+    nodes = np.arange(n)
+    np.testing.assert_allclose(e.maps.tubes(nodes, c.frames.shape[:3]), maker.tubes(nodes).maps,
+                               atol=1e-5)  # fmt: skip
+    for node in (0, n // 2, n - 1):  # quantised: the same tube within a grey level
+        q = e.maps.quantised(int(e.maps.group[node]))[int(e.maps.slot[node])]
+        raw = e.maps.raw(node)
+        span = float(raw.max() - raw.min())
+        if span > 0:
+            np.testing.assert_allclose(q / 255.0, (raw - raw.min()) / span, atol=0.5 / 255 + 1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="zoo export timing")
+def test_default_outputs_besides_the_pyramid_fit_15_mb(tmp_path: Path) -> None:
+    """The zoo's ResNet-50-3D (400 classes, 16x112x112): report and everything but
+    pyramid.json within 15 MB, every kernel's map included."""
+    torch = pytest.importorskip("torch")
+    from cfp_onnx.exporters.zoo.torch_models import randomize_batchnorm, resnet50_3d
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(resnet50_3d(num_classes=400, width=1.0, in_frames=16)).eval()
+    torch.onnx.export(model, (torch.zeros(1, 3, 16, 112, 112),), str(tmp_path / "r50.onnx"),
+                      dynamo=False, opset_version=17, input_names=["video"],
+                      output_names=["logits"])  # fmt: skip
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "clip.npy", rng.standard_normal((1, 3, 16, 112, 112)).astype(np.float32))
+    r = cfp("explain", "r50.onnx", "--clip", "clip.npy", "--out", "o", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    files = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
+    rest = sum(p.stat().st_size for p in files if p.name != "pyramid.json")
+    assert {p.name for p in files} == {"pyramid.json", "report.html"}
+    assert rest <= 15 * 2**20, rest
+    data = re.search(r'id="cfp-data">(.*?)</script>', (tmp_path / "o" / "report.html").read_text())
+    assert data is not None
+    import json
+
+    view = json.loads(data.group(1))["views"][0]
+    nodes = len(json.loads((tmp_path / "o" / "pyramid.json").read_text())["nodes"])
+    assert len(view["maps"]["group"]) == len(view["nodes"]["layer"]) == nodes > 10_000
