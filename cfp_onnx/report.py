@@ -37,6 +37,8 @@ MAX_NAME = 200
 """Names longer than this are shortened on the page (the full name stays in a tooltip)."""
 MAX_LINKS = 4000
 """Links embedded for the graph at most (the most relevant ones among its nodes)."""
+
+
 def display(frames: np.ndarray, max_side: int) -> np.ndarray:
     """Frames scaled down (area interpolation) so neither side exceeds `max_side`."""
     h, w = frames.shape[1:3]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from cfp_onnx.exporters.pytorch import export_torch
 
-from cfp_onnx import classtube, tubes
+from cfp_onnx import classtube
 from cfp_onnx.api import Explainer, Run
 from cfp_onnx.errors import OptionError
 from cfp_onnx.pyramid import Pyramid

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfp_onnx import classtube, demo, tubes
+from cfp_onnx import classtube, demo
 from cfp_onnx.api import Explainer
 from cfp_onnx.synthetic import CLASSES, demo_clip
 

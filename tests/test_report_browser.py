@@ -102,7 +102,9 @@ def test_hover_lights_the_paths_to_the_head(page) -> None:  # type: ignore[no-un
 
 
 def test_table_sorts_by_relevance_and_re_sorts(page) -> None:  # type: ignore[no-untyped-def]
-    rel = [float(r.text) for r in page.find_elements("css selector", "#table-0 tbody td:first-child")]
+    rel = [
+        float(r.text) for r in page.find_elements("css selector", "#table-0 tbody td:first-child")
+    ]
     assert rel == sorted(rel, reverse=True) and rel
     page.find_element("css selector", "#table-0 th[data-key='channel']").click()
     cells = page.find_elements("css selector", "#table-0 tbody td:nth-child(4)")

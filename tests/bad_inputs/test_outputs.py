@@ -85,5 +85,7 @@ def test_signal_at_any_moment_gives_old_or_new_never_partial(work, delay):
     assert sorted(p.name for p in work.iterdir()) == ["clip.npy", "m.onnx", "out"]
     now = snapshot(work / "out")
     if now != old:  # the new result, whole: written last, the report says the rename happened
-        assert (work / "out" / "report.html").is_file() and (work / "out" / "pyramid.json").is_file()
+        assert (work / "out" / "report.html").is_file() and (
+            work / "out" / "pyramid.json"
+        ).is_file()
         assert '"theta": 0.1' in (work / "out" / "pyramid.json").read_text()
