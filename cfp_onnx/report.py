@@ -236,6 +236,7 @@ def render_index(rows: Sequence[dict[str, Any]], *, title: str) -> str:
         f"{40 + 900 * i / n:.1f},{190 - 160 * (s - lo) / span:.1f}" for i, s in enumerate(scores)
     )
     classes = sorted({r["predicted"] for r in rows})
+    names = {r["predicted"]: r["predicted_name"] for r in rows}
     band = {c: k for k, c in enumerate(classes)}
     return (
         _environment()
@@ -249,6 +250,7 @@ def render_index(rows: Sequence[dict[str, Any]], *, title: str) -> str:
             n=n,
             band=band,
             classes=classes,
+            names=names,
             style=_asset("report.css"),
         )
     )

@@ -246,12 +246,15 @@ class TubeMaker:
             yield normalise(xp, _upsample_mixed(xp, part, self.size))
 
     def responses(self, nodes: np.ndarray, full: Mapping[str, Any] | None = None) -> np.ndarray:
-        """Pooled (rectified, averaged) response of each kernel's map, float64."""
-        xp = self.ex.xp
-        return np.array(
-            [float(to_numpy(xp.maximum(m, 0).mean())) for m in self.raw(nodes, full)],
-            dtype=np.float64,
-        )
+        """Pooled (rectified, averaged) response of each kernel's map, float64: one
+        reduction per source tensor."""
+        full = self.run.full if full is None else full
+        out = np.zeros(len(nodes), dtype=np.float64)
+        for sel in selections(self.ex, self.pyr, nodes, full, weighted=self.weighted):
+            maps = raw_maps(self.ex.xp, full, sel)
+            pooled = self.ex.xp.maximum(maps, 0).reshape(len(sel.rows), -1).mean(axis=1)
+            out[sel.rows] = to_numpy(pooled)
+        return out
 
 
 def _upsample_mixed(xp: ModuleType, part: list[Array], size: tuple[int, ...]) -> Array:

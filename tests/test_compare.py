@@ -141,3 +141,29 @@ def test_bad_mapping_is_a_clear_error(models: dict[str, Path]) -> None:
         cmp.match_layers(a, b, {"/conv1/Conv": "nope"})
     with pytest.raises(OptionError, match="shapes differ"):
         cmp.match_layers(a, b, {"/conv1/Conv": "/conv1/Conv"})
+
+
+@pytest.mark.browser
+def test_selecting_a_kernel_selects_its_counterpart(models: dict[str, Path]) -> None:
+    from tests.browser import chromium, console_errors
+    from tests.test_report_browser import wait_ready
+
+    _compare(models, "torch", "keras", "pair")
+    report = models["root"] / "pair" / "report.html"
+    with chromium() as driver:
+        driver.get(report.as_uri())
+        wait_ready(driver)
+        data = json.loads(driver.execute_script(
+            "return document.getElementById('cfp-data').textContent"))  # fmt: skip
+        a, b = data["views"]
+        for node in a["shown"][:5]:
+            driver.find_element("css selector", f"#graph-0 circle[data-node='{node}']").click()
+            twin = a["counterpart"][node]
+            assert twin >= 0  # twins: every kernel has one
+            assert int(driver.find_element("id", "tube-1").get_attribute("data-node")) == twin
+            la, lb = a["nodes"]["layer"][node], b["nodes"]["layer"][twin]
+            assert a["nodes"]["channel"][node] == b["nodes"]["channel"][twin]
+            assert (a["layers"][la], b["layers"][lb]) in json.loads(
+                models["map"].read_text()
+            ).items()
+        assert console_errors(driver) == []

@@ -256,7 +256,7 @@
       var step = Math.min(26, frac * (width - 2 * margin) / Math.max(row.length, 1));
       row.forEach(function (n, r) {  // strongest in the middle, then alternating outwards
         var off = r === 0 ? 0 : (r % 2 ? 1 : -1) * Math.ceil(r / 2);
-        pos[n] = { x: width / 2 + off * step, y: TOP + (d + 1) * ROW };
+        pos[n] = { x: width / 2 + off * step, y: TOP + (d + 1) * ROW, step: step };
       });
     });
     return { rows: rows, pos: pos, apex: { x: width / 2, y: TOP }, height: TOP + rows.length * ROW + 30 };
@@ -321,7 +321,7 @@
     v.shown.forEach(function (n) {
       var p = g.pos[n], r = v.nodes.relevance[n];
       var f = hi > lo ? (r - lo) / (hi - lo) : 1;
-      var c = svgEl("circle", { cx: p.x, cy: p.y, r: (3 + 6 * f).toFixed(1),
+      var c = svgEl("circle", { cx: p.x, cy: p.y, r: Math.min(3 + 6 * f, Math.max(2, 0.48 * p.step)).toFixed(1),
         fill: relColour(r, lo, hi), "data-node": n, id: "node-" + i + "-" + n }, svg);
       c.addEventListener("mouseenter", function () {
         var on = paths(n);
