@@ -38,8 +38,9 @@ while True:
     frames.append(f)
 idx = ((np.arange(16) + 0.5) * len(frames) / 16).astype(int)
 x = np.stack([cv2.resize(cv2.cvtColor(frames[i], cv2.COLOR_BGR2RGB), (112, 112)) for i in idx])
-x = (x.astype(np.float32) / 255).transpose(3, 0, 1, 2)[None]
 s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+x = x.astype(np.float32)[None] / 255  # NDHWC (Keras); NCDHW (PyTorch) below
+x = x if s.get_inputs()[0].shape[-1] == 3 else x.transpose(0, 4, 1, 2, 3)
 print(int(np.argmax(s.run(None, {s.get_inputs()[0].name: x})[0])))
 """
 

@@ -151,6 +151,30 @@ class Explainer:
         levels = self.levels(depth)[: depth - 1]
         return np.unique(np.concatenate(levels)) if levels else np.zeros(0, dtype=np.int64)
 
+    @cached_property
+    def shapes(self) -> resources.Shapes:
+        """The static shapes the memory estimate needs (computed once)."""
+        g = self.graph
+
+        def nbytes(t: str) -> int:
+            return int(np.prod(g.shapes[t], dtype=np.float64)) * 4 if t in g.shapes else 0
+
+        return resources.Shapes(
+            input_shape=tuple(self.input_shape),
+            weights=resources.weight_bytes(self.loaded.proto.graph.initializer),
+            tensor_bytes={
+                t: nbytes(t) for t in g.shapes if t in g.producer and t not in g.constants
+            },
+            widest={i: lay.c_out * lay.c_in for i, lay in enumerate(self.layers)},
+            map_bytes={
+                i: lay.c_out
+                * max(
+                    nbytes(lay.input) // max(lay.c_in, 1), nbytes(lay.output) // max(lay.c_out, 1)
+                )
+                for i, lay in enumerate(self.layers)
+            },
+        )
+
     def map_tensors(self, depth: int) -> tuple[str, ...]:
         """Full maps a run must return so any kernel of a depth-`depth` pyramid can be shown.
 
@@ -225,7 +249,11 @@ class Explainer:
         taps = self.taps(depth, full)
         key = (depth, full)
         if key not in self._estimates:  # static shapes: the same for every clip
-            self._estimates[key] = resources.estimate(self, depth, full)
+            levels = self.levels(depth)
+            reachable = np.unique(np.concatenate(levels)).tolist() if levels else []
+            self._estimates[key] = resources.estimate(
+                self.shapes, self.expanded_layers(depth).tolist(), reachable, full
+            )
         resources.check(self._estimates[key], self.memory_limit, self._limit_source)
         out = self.session(taps).run(arr, [t.name for t in taps])
         logits = np.asarray(out[self.head.logits], dtype=np.float64).reshape(-1)

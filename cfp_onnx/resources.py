@@ -26,16 +26,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from cfp_onnx.errors import OptionError, ResourceError
-
-if TYPE_CHECKING:
-    from cfp_onnx.api import Explainer
 
 DEFAULT_FRACTION = 0.8
 """Share of the available memory an explain may plan to use by default."""
@@ -135,10 +133,10 @@ def resolve_limit(max_memory: str | int | float | None) -> tuple[int | None, str
     return parse_size(max_memory), "--max-memory"
 
 
-def weight_bytes(ex: Explainer) -> int:
+def weight_bytes(initializers: Iterable[Any]) -> int:
     """Every initializer's size from its declared dims (nothing is read)."""
     total = 0
-    for t in ex.loaded.proto.graph.initializer:
+    for t in initializers:
         itemsize = np.dtype(_np_dtype(t.data_type)).itemsize
         total += int(np.prod([int(d) for d in t.dims], dtype=np.float64)) * itemsize
     return total
@@ -157,32 +155,40 @@ def _bytes(shape: tuple[int, ...], itemsize: int = FLOAT32) -> int:
     return int(np.prod(shape, dtype=np.float64)) * itemsize
 
 
-def estimate(ex: Explainer, depth: int, full: tuple[str, ...] = ()) -> Estimate:
-    """What a run of `ex` at `depth`, returning the full maps `full`, would hold (see module doc)."""
-    graph = ex.graph
-    consts = graph.constants
-    sizes = sorted(
-        (_bytes(s) for t, s in graph.shapes.items() if t in graph.producer and t not in consts),
-        reverse=True,
-    )
-    activations = _bytes(ex.input_shape) + sum(sizes[:ACTIVATIONS_LIVE])
-    exposed = sum(_bytes(graph.shapes[t]) for t in full if t in graph.shapes)
+@dataclass(frozen=True)
+class Shapes:
+    """What an estimate reads of an analysed model: static shapes, never the model itself."""
+
+    input_shape: tuple[int, ...]
+    weights: int  # bytes of every initializer
+    tensor_bytes: dict[str, int]  # float32 bytes of each produced, non-constant tensor
+    widest: dict[int, int]  # layer -> c_out * c_in (back-step scratch)
+    map_bytes: dict[int, int]  # layer -> float32 bytes of all its kernels' maps (worst case)
+
+
+def estimate(shapes: Shapes, expanded: Sequence[int], reachable: Sequence[int],
+             full: Sequence[str] = ()) -> Estimate:  # fmt: skip
+    """What a run at the depth whose layers are `expanded` / `reachable`, returning the
+    full maps `full`, would hold (see module doc). With maps, every kernel's map of every
+    reachable layer is counted (the report keeps them all) as a worst case."""
+    sizes = sorted(shapes.tensor_bytes.values(), reverse=True)
+    activations = _bytes(shapes.input_shape) + sum(sizes[:ACTIVATIONS_LIVE])
+    exposed = sum(shapes.tensor_bytes.get(t, 0) for t in full)
     if full:
-        exposed += _tube_chunk(ex)
-    layers = ex.expanded_layers(depth).tolist()
-    widest = max((ex.layers[i].c_out * ex.layers[i].c_in for i in layers), default=0)
+        exposed += _tube_chunk(shapes.input_shape)
+        exposed += sum(shapes.map_bytes.get(i, 0) for i in reachable)
     return Estimate(
-        weights=weight_bytes(ex),
+        weights=shapes.weights,
         activations=activations,
         exposed=exposed,
-        scratch=SCRATCH_ARRAYS * 8 * widest,
+        scratch=SCRATCH_ARRAYS * 8 * max((shapes.widest[i] for i in expanded), default=0),
     )
 
 
-def _tube_chunk(ex: Explainer) -> int:
+def _tube_chunk(input_shape: tuple[int, ...]) -> int:
     from cfp_onnx.tubes import CHUNK
 
-    spatial = sorted(ex.input_shape[1:])[-3:]  # frames and size, whatever the layout
+    spatial = sorted(input_shape[1:])[-3:]  # frames and size, whatever the layout
     return CHUNK * _bytes(tuple(spatial))
 
 
