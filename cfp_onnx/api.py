@@ -27,6 +27,7 @@ from cfp_onnx.loading import (
     resolve_input_shape,
 )
 from cfp_onnx.modelinfo import class_names, preprocess_for
+from cfp_onnx.ops import CONV
 from cfp_onnx.options import PyramidOptions
 from cfp_onnx.provenance import Csr, Provenance, trace
 from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
@@ -273,9 +274,12 @@ class Explainer:
         for name in self.graph.constants:
             value = self.graph.constants[name]
             if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+                users = [self.graph.nodes[i] for i in self.graph.consumers.get(name, ())]
+                convs = [n.name for n in users if n.op_type in CONV and n.inputs[1] == name]
+                where = f" of conv {convs[0]!r}" if convs else ""
                 return (
-                    f"initializer {name!r} holds NaN or Inf values, so the run gives NaN/Inf "
-                    "activations; fix or re-export the model's weights"
+                    f"initializer {name!r}{where} holds NaN or Inf values, so the run gives "
+                    "NaN/Inf activations; fix or re-export the model's weights"
                 )
         return (
             "the model's activations overflow to NaN or Inf on this clip; check the clip's "

@@ -109,6 +109,12 @@ class Constants(Mapping[str, np.ndarray]):
     def __contains__(self, name: object) -> bool:
         return name in self.inline or name in self.external
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """A constant's shape, from its declaration when it is on disk (nothing is read)."""
+        if name in self.inline:
+            return tuple(int(d) for d in self.inline[name].shape)
+        return tuple(int(d) for d in self.external[name].shape)
+
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a constant's first axis, reading no more from disk."""
         if name in self.inline:
@@ -403,8 +409,12 @@ def find_layers(graph: Graph, head: Head) -> tuple[Layer, ...]:
             continue
         if not graph.is_const(n.inputs[1]):
             raise ModelError(f"conv {n.name!r} has a non-constant weight; cfp needs stored weights")
-        w = graph.const(n.inputs[1])
-        if not np.all(np.isfinite(w)):
+        shape = graph.constants.shape_of(n.inputs[1])
+        # Weights on disk are not read here (a ResNet's are 100s of MB): a NaN in them makes
+        # the run's outputs NaN, and Explainer.run then names the initializer.
+        if n.inputs[1] in graph.constants.inline and not np.all(
+            np.isfinite(graph.const(n.inputs[1]))
+        ):
             raise ModelError(
                 f"initializer {n.inputs[1]!r} of conv {n.name!r} holds NaN or Inf values"
             )
@@ -414,15 +424,14 @@ def find_layers(graph: Graph, head: Head) -> tuple[Layer, ...]:
                 n.name,
                 _through_pad(graph, n.inputs[0]),
                 n.outputs[0],
-                tuple(int(d) for d in w.shape),
+                shape,
                 int(n.attrs.get("group", 1)),
-                tuple(int(k) for k in w.shape[2:]),
-                tuple(int(s) for s in n.attrs.get("strides", [1] * (w.ndim - 2))),
+                shape[2:],
+                tuple(int(s) for s in n.attrs.get("strides", [1] * (len(shape) - 2))),
                 partial(graph.const, n.inputs[1]),
                 partial(graph.constants.rows, n.inputs[1]),
             )
         )
-        del w  # one layer's weights in memory at a time
     if not layers:
         raise ModelError("the model has no Conv layer below its classifier; cfp explains conv nets")
     if not np.all(np.isfinite(head.weight)):

@@ -485,7 +485,7 @@ def _apply(
     if node.op_type in CONV and node.name in by_node:
         i = by_node[node.name]
         c = int(offsets[i + 1] - offsets[i])
-        rank = g.const(node.inputs[1]).ndim
+        rank = len(g.constants.shape_of(node.inputs[1]))
         idx = np.arange(c, dtype=np.int64).reshape((1, c) + (1,) * (rank - 2))
         return [ChannelMap(idx, tuple(frozenset({int(offsets[i]) + j}) for j in range(c)))]
     if not _features(ins):

