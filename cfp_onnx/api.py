@@ -26,7 +26,7 @@ from cfp_onnx.loading import (
     load_model,
     resolve_input_shape,
 )
-from cfp_onnx.modelinfo import class_names, preprocess_for
+from cfp_onnx.modelinfo import class_names
 from cfp_onnx.ops import CONV
 from cfp_onnx.options import PyramidOptions
 from cfp_onnx.provenance import Csr, Provenance, trace
@@ -56,11 +56,6 @@ class Run:
     pooled: dict[str, np.ndarray]  # layer input tensor -> [C_in] float64
     full: dict[str, np.ndarray]  # tensor -> full map (batch axis dropped)
     plan: Plan
-
-
-def check_options(*, depth: int, theta: float, top_n: int | None, head_mode: str) -> None:
-    """Raises OptionError for values outside the method's range (see PyramidOptions)."""
-    PyramidOptions(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
 
 
 class Explainer:
@@ -431,16 +426,13 @@ def explain(
     `clip` is an array in the model's layout (batch axis optional), a ``.npy`` file, or a
     video file / frame folder, decoded and preprocessed as the model's metadata says.
     """
-    check_options(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode)
+    opts = PyramidOptions(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode, label=label)
     loaded = load_model(model)
     arr = clip if isinstance(clip, np.ndarray) else _read_clip(clip, loaded)
     explainer = Explainer(
         loaded, clip_shape=tuple(arr.shape), output=output, device=device, max_memory=max_memory
     )
-    return explainer.explain(
-        arr, label=label, depth=depth, theta=theta, top_n=top_n, head_mode=head_mode,
-        class_names=class_names(loaded),
-    )  # fmt: skip
+    return explainer.explain(arr, opts, class_names=class_names(loaded))
 
 
 def _clip_path(clip: Any) -> str | os.PathLike[str]:
@@ -454,10 +446,6 @@ def _clip_path(clip: Any) -> str | os.PathLike[str]:
 
 
 def _read_clip(clip: str | os.PathLike[str], loaded: LoadedModel) -> np.ndarray:
-    clip = _clip_path(clip)
-    if Path(clip).suffix.lower() == ".npy":
-        return load_array(clip)
+    from cfp_onnx.modelinput import ModelInput  # OpenCV only when a file clip is read
 
-    from cfp_onnx.video import load_clip
-
-    return load_clip(clip, preprocess_for(loaded)).tensor
+    return ModelInput.of(loaded).clip(_clip_path(clip), loaded).tensor

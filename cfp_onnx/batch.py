@@ -32,10 +32,11 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from cfp_onnx.api import Explainer, check_options, load_array
+from cfp_onnx.api import Explainer, load_array
 from cfp_onnx.errors import CfpError, OptionError, OutputError
 from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import class_names, preprocess_for
+from cfp_onnx.options import PyramidOptions
 from cfp_onnx.outputs import staged_dir, write_file
 from cfp_onnx.video import (
     IMAGE_EXTENSIONS,
@@ -88,13 +89,15 @@ class BatchOptions:
 
     def check(self) -> None:
         """Raises OptionError for an option outside the method's range."""
-        check_options(
-            depth=self.depth, theta=self.theta, top_n=self.top_n, head_mode=self.head_mode
-        )
+        self.pyramid(None)
         if isinstance(self.label, str) and self.label not in LABEL_MODES:
             raise OptionError(
                 f"label {self.label!r}: expected a class index, 'predicted' or 'true'"
             )
+
+    def pyramid(self, label: int | None) -> PyramidOptions:
+        """The pyramid options of one clip (PyramidOptions checks them)."""
+        return PyramidOptions(self.depth, self.theta, self.top_n, self.head_mode, label)
 
     def label_for(self, task: ClipTask) -> int | None:
         """The class to explain for `task` (None: the prediction)."""
@@ -242,10 +245,7 @@ class ClipWorker:
         ex = self.explainer_for(clip)
         opts = self.spec.options
         run = ex.run(clip, depth=opts.depth)
-        pyr = ex.pyramid(
-            run, label=opts.label_for(task), depth=opts.depth, theta=opts.theta,
-            top_n=opts.top_n, head_mode=opts.head_mode, class_names=self.names,
-        )  # fmt: skip
+        pyr = ex.pyramid(run, opts.pyramid(opts.label_for(task)), class_names=self.names)
         return ClipResult(task.id, task.path, int(np.argmax(run.logits)), task.label, pyr.to_json())
 
     def __call__(self, task: ClipTask) -> Outcome:
