@@ -105,6 +105,9 @@ def selections(
         lay = ex.layers[li]
         users.setdefault(lay.input, []).append((li, True))
         users.setdefault(lay.output, []).append((li, False))
+    kept_layer = pyr.node_layer[pyr.kept_node]
+    by_layer = np.argsort(kept_layer, kind="stable")  # kept pairs, grouped by layer
+    bounds = np.searchsorted(kept_layer[by_layer], np.arange(len(ex.layers) + 1))
     out = []
     for name, readers in users.items():
         mask = np.zeros(len(nodes), dtype=bool)
@@ -112,11 +115,10 @@ def selections(
             mask |= (layer == li) & (use_in if reads_input else use_out)
         rows = np.flatnonzero(mask)
         if len(rows):
-            out.append(
-                Selection(
-                    name, rows, _weights(ex, pyr, nodes[rows], use_in[rows], readers, weighted)
-                )
-            )
+            parts = [by_layer[bounds[li] : bounds[li + 1]] for li, reads in readers if reads]
+            pairs = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            w = _weights(ex, pyr, nodes[rows], use_in[rows], readers, pairs, weighted)
+            out.append(Selection(name, rows, w))
     return out
 
 
@@ -126,17 +128,20 @@ def _weights(
     nodes: np.ndarray,
     from_input: np.ndarray,
     readers: list[tuple[int, bool]],
+    pairs: np.ndarray,
     weighted: bool,
 ) -> np.ndarray:
     """Selection rows ``[len(nodes), C]`` over one tensor: kept input channels (1 or r'),
-    or the kernel's own output channel."""
+    or the kernel's own output channel. `pairs`: the kept pairs of the layers that read
+    this tensor as input (the only ones that can land here)."""
     lay = ex.layers[readers[0][0]]
     weights = np.zeros((len(nodes), lay.c_in if readers[0][1] else lay.c_out), np.float32)
     row_of = np.full(len(pyr.node_layer), -1, dtype=np.int64)
     row_of[nodes[from_input]] = np.flatnonzero(from_input)
-    row = row_of[pyr.kept_node]
+    row = row_of[pyr.kept_node[pairs]]
     take = row >= 0
-    weights[row[take], pyr.kept_channel[take]] = pyr.kept_score[take] if weighted else 1.0
+    chans, scores = pyr.kept_channel[pairs][take], pyr.kept_score[pairs][take]
+    weights[row[take], chans] = scores if weighted else 1.0
     own = np.flatnonzero(~from_input)
     weights[own, pyr.node_channel[nodes[own]]] = 1.0
     return weights
