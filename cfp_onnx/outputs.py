@@ -169,9 +169,10 @@ def write(explanation: Explanation, folder: Path, *, html: str | None = None) ->
             (folder / "report.html").write_text(page, encoding="utf-8")
             written.append(folder / "report.html")
     except OSError as exc:
+        where = folder.name.split(".")[1] if folder.name.startswith(".") else folder.name
         raise OutputError(
-            f"cannot write into {str(folder)!r} ({exc.strerror or exc}); free some space or "
-            "choose another --out"
+            f"cannot write the results into {where!r} ({exc.strerror or exc}); free some space "
+            "or choose another --out"
         ) from None
     return written
 

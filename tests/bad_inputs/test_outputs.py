@@ -89,3 +89,25 @@ def test_signal_at_any_moment_gives_old_or_new_never_partial(work, delay):
             work / "out" / "pyramid.json"
         ).is_file()
         assert '"theta": 0.1' in (work / "out" / "pyramid.json").read_text()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):  # type: ignore[no-untyped-def]
+    """A real 20 KiB file system (tmpfs), or a skip where mounting is not allowed."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20k", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(work, tiny_disk):
+    r = cfp("explain", str(work / "m.onnx"), "--clip", str(work / "clip.npy"), "--out", "out",
+            cwd=tiny_disk)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "No space left" in r.stderr and "'out'" in r.stderr and "--out" in r.stderr
+    assert list(tiny_disk.iterdir()) == []  # no partial output, no staging folder
