@@ -32,17 +32,17 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from cfp_onnx.api import Explainer, load_array
+from cfp_onnx.api import Explainer
 from cfp_onnx.errors import CfpError, OptionError, OutputError
 from cfp_onnx.loading import LoadedModel, load_model
-from cfp_onnx.modelinfo import class_names, preprocess_for
-from cfp_onnx.options import PyramidOptions
+from cfp_onnx.modelinfo import class_names
+from cfp_onnx.modelinput import ModelInput
+from cfp_onnx.options import ClipOptions, PyramidOptions
 from cfp_onnx.outputs import staged_dir, write_file
 from cfp_onnx.video import (
     IMAGE_EXTENSIONS,
     TENSOR_EXTENSIONS,
     VIDEO_EXTENSIONS,
-    load_clip,
     natural_key,
 )
 
@@ -65,16 +65,8 @@ class ClipTask:
     label: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Decoding:
-    """How non-``.npy`` clips are decoded: ``preprocess_for`` overrides and sampling."""
-
-    layout: str | None = None
-    frames: int | None = None
-    size: tuple[int, int] | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    sampling: str = "uniform"
+Decoding = ClipOptions
+"""How clips are decoded: the model's metadata with these overrides (one definition)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,16 +221,13 @@ class ClipWorker:
         self.loaded: LoadedModel = explainer.loaded if explainer else load_model(spec.model)
         self.explainer = explainer
         self.names = class_names(self.loaded)
+        self.model_input: ModelInput | None = None
 
     def decode(self, task: ClipTask) -> np.ndarray:
-        """The clip as a model input tensor (raises ClipError)."""
-        if Path(task.path).suffix.lower() == ".npy":
-            return load_array(task.path)
-        d = self.spec.decoding
-        pre = preprocess_for(
-            self.loaded, layout=d.layout, frames=d.frames, size=d.size, mean=d.mean, std=d.std
-        )
-        return load_clip(task.path, pre, sampling=d.sampling).tensor  # type: ignore[arg-type]
+        """The clip as a model input tensor, through ModelInput (raises ClipError)."""
+        if self.model_input is None:
+            self.model_input = ModelInput.of(self.loaded, self.spec.decoding)
+        return self.model_input.clip(task.path, self.loaded).tensor
 
     def explain(self, task: ClipTask, clip: np.ndarray) -> ClipResult:
         """One forward and the pyramid, as JSON text."""

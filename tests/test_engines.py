@@ -73,7 +73,7 @@ def test_local_engine_reports_bad_clips(data: Path, tmp_path: Path) -> None:
     s = spec(data)
     bad = ClipTask("bad", str(tmp_path / "missing.npy"))
     out = list(LocalEngine().results(s, [bad, *tasks_from(data / "clips")[:2]], ClipWorker(s)))
-    assert isinstance(out[0], ClipFailure) and "does not exist" in out[0].message
+    assert isinstance(out[0], ClipFailure) and "no such file or folder" in out[0].message
     assert len(out) == 3
 
 
