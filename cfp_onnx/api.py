@@ -320,8 +320,8 @@ class Explainer:
             top_n=opts.top_n, head_mode=opts.head_mode,
         )  # fmt: skip
         kids = cols.pop("kernels")
-        offsets = self.provenance.offsets
-        layer = np.searchsorted(offsets, kids, side="right") - 1
+        space = self.provenance.space
+        layer, channel = space.split(kids)
         depths = cols["node_depth"]
         return Pyramid(
             model=self.model_name,
@@ -334,9 +334,9 @@ class Explainer:
             max_depth_reached=int(depths.max()) if len(depths) else -1,
             head_mode=opts.head_mode,
             top_n=opts.top_n,
-            layers=tuple(lay.node for lay in self.layers),
+            layers=space.layers,
             node_layer=layer,
-            node_channel=kids - offsets[layer],
+            node_channel=channel,
             **cols,
         )
 

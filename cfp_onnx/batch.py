@@ -39,6 +39,7 @@ from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
 from cfp_onnx.options import ClipOptions, PyramidOptions
 from cfp_onnx.outputs import staged_dir, write_file
+from cfp_onnx.provenance import KernelSpace
 from cfp_onnx.video import (
     IMAGE_EXTENSIONS,
     TENSOR_EXTENSIONS,
@@ -332,24 +333,6 @@ class ClassAggregate:
         self.depth[kernels] = np.minimum(self.depth[kernels], depths)
 
 
-@dataclass(frozen=True)
-class KernelSpace:
-    """Layer names in topological order and their kernel-id offsets (from the Explainer)."""
-
-    layers: tuple[str, ...]
-    offsets: np.ndarray  # [layers + 1]
-
-    @classmethod
-    def of(cls, ex: Explainer) -> KernelSpace:
-        return cls(tuple(lay.node for lay in ex.layers), np.asarray(ex.provenance.offsets))
-
-    def ids(self, nodes: Sequence[dict[str, Any]]) -> np.ndarray:
-        index = {name: i for i, name in enumerate(self.layers)}
-        layer = np.array([index[n["layer"]] for n in nodes], dtype=np.int64)
-        chan = np.array([n["channel"] for n in nodes], dtype=np.int64)
-        return self.offsets[layer] + chan if len(nodes) else np.zeros(0, dtype=np.int64)
-
-
 class Aggregates:
     """Class aggregates keyed by explained label, created when a class is first seen."""
 
@@ -358,12 +341,12 @@ class Aggregates:
         self.classes: dict[int, ClassAggregate] = {}
 
     def add(self, pyramid: dict[str, Any]) -> None:
-        agg = self.classes.setdefault(
-            int(pyramid["label"]), ClassAggregate(int(self.space.offsets[-1]))
-        )
+        agg = self.classes.setdefault(int(pyramid["label"]), ClassAggregate(self.space.size))
         nodes = pyramid["nodes"]
         agg.add(
-            self.space.ids(nodes),
+            self.space.ids_of(
+                [n["layer"] for n in nodes], np.array([n["channel"] for n in nodes], np.int64)
+            ),
             np.array([n["depth"] for n in nodes], dtype=np.int64),
             np.array([n["relevance"] for n in nodes], dtype=np.float64),
         )
@@ -381,7 +364,7 @@ def class_pyramid(
     """The class pyramid object; nodes in (depth, layer, channel) order like a clip's."""
     kids = np.flatnonzero(agg.count > 0)
     kids = kids[np.argsort(agg.depth[kids], kind="stable")]
-    layer = np.searchsorted(space.offsets, kids, side="right") - 1
+    layer, channel = space.split(kids)
     nodes = [
         {
             "id": i,
@@ -394,7 +377,7 @@ def class_pyramid(
         for i, (la, ch, d, c, r) in enumerate(
             zip(
                 layer.tolist(),
-                (kids - space.offsets[layer]).tolist(),
+                channel.tolist(),
                 agg.depth[kids].tolist(),
                 agg.count[kids].tolist(),
                 agg.relevance[kids].tolist(),
@@ -572,7 +555,12 @@ def run_batch(
     if bar is not None and hasattr(bar, "close"):
         bar.close()
     classes = finalize(
-        out, tasks, KernelSpace.of(ex), options=spec.options, model=ex.model_name, names=first.names
+        out,
+        tasks,
+        ex.provenance.space,
+        options=spec.options,
+        model=ex.model_name,
+        names=first.names,
     )
     return BatchSummary(
         len(todo) - len(failed), len(tasks) - len(todo), tuple(failed), len(tasks), classes,

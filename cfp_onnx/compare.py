@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cfp_onnx.errors import OptionError
+from cfp_onnx.provenance import KernelSpace
 from cfp_onnx.pyramid import Pyramid
 from cfp_onnx.tubes import upsample
 
@@ -181,12 +182,12 @@ def jaccard_per_depth(pa: Pyramid, pb: Pyramid, match: np.ndarray) -> tuple[floa
 # ----------------------------------------------------------------- everything
 
 
-def counterparts(pa: Pyramid, pb: Pyramid, match: np.ndarray, offsets_b: np.ndarray) -> np.ndarray:
+def counterparts(pa: Pyramid, pb: Pyramid, match: np.ndarray, space_b: KernelSpace) -> np.ndarray:
     """Per node of A, the node of B with the matched layer and the same channel (-1: none)."""
     layer_b = match[pa.node_layer]
     ok = layer_b >= 0
-    kernel = np.where(ok, offsets_b[np.maximum(layer_b, 0)] + pa.node_channel, 0)
-    ok &= kernel < len(pb.node_of)
+    kernel = np.where(ok, space_b.ids(np.maximum(layer_b, 0), pa.node_channel), 0)
+    ok &= kernel < space_b.size
     out = np.full(len(pa.node_layer), -1, dtype=np.int64)
     out[ok] = pb.node_of[kernel[ok]]
     return out
@@ -212,8 +213,8 @@ def agreement(
         back = np.full(len(ex_b.layers), -1, dtype=np.int64)
         back[match[match >= 0]] = np.flatnonzero(match >= 0)
         pairs = (
-            counterparts(pa, pb, match, ex_b.provenance.offsets),
-            counterparts(pb, pa, back, ex_a.provenance.offsets),
+            counterparts(pa, pb, match, ex_b.provenance.space),
+            counterparts(pb, pa, back, ex_a.provenance.space),
         )
     figures = Agreement(
         labels=(pa.label, pb.label),

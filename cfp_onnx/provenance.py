@@ -421,11 +421,44 @@ class Csr:
 
 
 @dataclass(frozen=True)
+class KernelSpace:
+    """Kernel ids: layer ``i`` owns ids ``offsets[i] .. offsets[i+1]-1``, one per output
+    channel. The one place id <-> (layer, channel) is worked out."""
+
+    layers: tuple[str, ...]  # layer names, topological order
+    offsets: np.ndarray  # [layers + 1] int64
+
+    @property
+    def size(self) -> int:
+        return int(self.offsets[-1])
+
+    def split(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(layer index, channel) of each kernel id."""
+        layer = np.searchsorted(self.offsets, ids, side="right") - 1
+        return layer, np.asarray(ids) - self.offsets[layer]
+
+    def ids(self, layer: np.ndarray, channel: np.ndarray) -> np.ndarray:
+        """Kernel ids of (layer index, channel) pairs."""
+        return self.offsets[np.asarray(layer, dtype=np.int64)] + np.asarray(channel, np.int64)
+
+    def ids_of(self, names: list[str], channel: np.ndarray) -> np.ndarray:
+        """Kernel ids of (layer name, channel) pairs, as ``pyramid.json`` names them."""
+        index = {name: i for i, name in enumerate(self.layers)}
+        layer = np.array([index[n] for n in names], dtype=np.int64)
+        return self.ids(layer, channel) if len(names) else np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Provenance of every tensor, and the kernel id space of the layers."""
 
     maps: dict[str, Prov]
-    offsets: np.ndarray  # layer i owns kernel ids offsets[i] .. offsets[i+1]-1
+    space: KernelSpace
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Layer i owns kernel ids offsets[i] .. offsets[i+1]-1 (see KernelSpace)."""
+        return self.space.offsets
 
     def rows_along(self, tensor: str, axis: int, size: int, *, what: str) -> Csr:
         """CSR of kernel sets per position along `axis`; the map must vary along no other axis.
@@ -467,7 +500,7 @@ def trace(graph: Graph, layers: Sequence[Layer], head: Head) -> Provenance:
     for node in graph.nodes:
         for out, val in zip(node.outputs, _apply(node, maps, graph, by_node, offsets, head)):
             maps[out] = val
-    return Provenance(maps, offsets)
+    return Provenance(maps, KernelSpace(tuple(layer.node for layer in layers), offsets))
 
 
 def _apply(

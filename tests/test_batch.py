@@ -282,6 +282,11 @@ def cfp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CFP, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def finished(clips: Path) -> int:
+    """Clip folders swapped in (pathlib's glob also matches the hidden staging folders)."""
+    return sum(1 for p in clips.glob("*/pyramid.json") if not p.parent.name.startswith("."))
+
+
 def test_cli_killed_halfway_then_resumed_equals_one_run(data: Path, tmp_path: Path) -> None:
     """SIGTERM once some clips are written; the re-run finishes and matches a clean run."""
     many = make_clips(tmp_path / "many", 160, seed=1)
@@ -294,7 +299,7 @@ def test_cli_killed_halfway_then_resumed_equals_one_run(data: Path, tmp_path: Pa
     clips = tmp_path / "out" / "clips"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        done = sum(1 for _ in clips.glob("*/pyramid.json")) if clips.is_dir() else 0
+        done = finished(clips) if clips.is_dir() else 0
         if done >= 5 or proc.poll() is not None:
             break
         time.sleep(0.002)
@@ -302,7 +307,7 @@ def test_cli_killed_halfway_then_resumed_equals_one_run(data: Path, tmp_path: Pa
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err
-    partial = sum(1 for _ in clips.glob("*/pyramid.json"))
+    partial = finished(clips)
     assert 5 <= partial < len(many), partial
     assert not (tmp_path / "out" / "summary.csv").exists()
     again = cfp("batch", *args, "--out", "out", cwd=tmp_path)
