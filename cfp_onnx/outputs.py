@@ -195,15 +195,8 @@ def _tube_files(e: Explanation, folder: Path) -> list[Path]:
             out += [folder / n for n in tubes.write_kernel_files(folder, stem, blended, fps, kinds)]
     if e.class_tube is not None:
         rgb, _ = report.diverging(e.class_tube)
-        blended = cv2_blend(e.clip.frames, rgb)
+        blended = tubes.blend(e.clip.frames, rgb)
         out += [
             folder / n for n in tubes.write_kernel_files(folder, "class_tube", blended, fps, kinds)
         ]
     return out
-
-
-def cv2_blend(frames: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-    """Half and half, as the tubes are blended."""
-    import cv2
-
-    return cv2.addWeighted(frames, 0.5, rgb, 0.5, 0)

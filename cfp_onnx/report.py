@@ -124,7 +124,7 @@ def view_data(e: Explanation, *, counterpart: np.ndarray | None = None) -> dict[
         }
     if e.class_tube is not None:
         rgb, scale = diverging(e.class_tube)
-        blended = cv2.addWeighted(e.clip.frames, 0.5, rgb, 0.5, 0)
+        blended = tubes_mod.blend(e.clip.frames, rgb)
         data["classTube"] = {
             "frames": tubes_mod.encode_frames(display(blended, e.options.max_side), quality=90),
             "scale": scale,

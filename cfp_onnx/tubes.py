@@ -335,7 +335,12 @@ def overlay(frames: np.ndarray, tube: np.ndarray) -> np.ndarray:
     grey = np.clip(np.rint(tube * 255), 0, 255).astype(np.uint8)
     heat = cv2.applyColorMap(grey.reshape(-1, grey.shape[-1]), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).reshape(frames.shape)
-    return cv2.addWeighted(frames, 0.5, heat, 0.5, 0)
+    return blend(frames, heat)
+
+
+def blend(frames: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """Colours laid half and half on the frames (SPEC §6), uint8 RGB."""
+    return cv2.addWeighted(frames, 0.5, rgb, 0.5, 0)
 
 
 def strip(frames: np.ndarray, gap: int = 2) -> np.ndarray:

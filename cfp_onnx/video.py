@@ -636,18 +636,6 @@ def iter_windows(
         yield _make_clip(source, idx, frames, preprocess)
 
 
-def load_windows(
-    path: str | os.PathLike[str],
-    preprocess: Preprocess,
-    window: int | None = None,
-    stride: int | None = None,
-    *,
-    loop: bool = False,
-) -> list[Clip]:
-    """Every window's clip at once (see iter_windows, which streams them)."""
-    return list(iter_windows(path, preprocess, window, stride, loop=loop))
-
-
 def _make_clip(
     source: _Source, indices: np.ndarray, frames: np.ndarray, preprocess: Preprocess
 ) -> Clip:

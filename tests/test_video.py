@@ -12,8 +12,8 @@ import pytest
 from cfp_onnx.errors import ClipError, OptionError
 from cfp_onnx.video import (
     Preprocess,
+    iter_windows,
     load_clip,
-    load_windows,
     natural_key,
     read_frames,
     resize_crop,
@@ -148,8 +148,8 @@ def test_sliding_windows_cover_every_frame() -> None:
         sliding_windows(3, 4, 1)
 
 
-def test_load_windows_of_a_video(mp4: Path) -> None:
-    clips = load_windows(mp4, Preprocess(frames=4, size=(16, 16)), window=8, stride=4)
+def test_windows_of_a_video(mp4: Path) -> None:
+    clips = list(iter_windows(mp4, Preprocess(frames=4, size=(16, 16)), window=8, stride=4))
     # windows 0-7 and 4-11, each sampled uniformly down to 4 frames
     assert [c.indices.tolist() for c in clips] == [[1, 3, 5, 7], [5, 7, 9, 11]]
     for clip in clips:
