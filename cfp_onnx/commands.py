@@ -37,9 +37,12 @@ Progress = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Explained:
-    """One explained clip (or window) and the folder its files are in."""
+    """One explained clip (or window) and the folder its files are in.
 
-    explanation: Explanation
+    For windows the explanation is None once written (``on_result`` sees it whole): a long
+    video's maps and links are not kept."""
+
+    explanation: Explanation | None
     folder: Path
 
 
@@ -65,7 +68,7 @@ def explain_to(
     output: str | None = None,
     device: str = "cpu",
     max_memory: str | int | None = None,
-    on_result: Callable[[Explained], None] | None = None,
+    on_result: Callable[[Explanation, Path], None] | None = None,
     progress: Progress | None = None,
     extra: Callable[[Path], None] | None = None,
 ) -> list[Explained]:
@@ -90,6 +93,7 @@ def explain_to(
     else:
         count, clips = 1, iter([model_input.clip(clip, loaded)])
     done: list[Explained] = []
+    rows: list[dict[str, Any]] = []
     with outputs.staged_dir(out, overwrite=overwrite) as tmp:
         explainer: Explainer | None = None
         names: tuple[str, ...] | None = None
@@ -108,33 +112,36 @@ def explain_to(
             e = explain(explainer, c, model_input, opts, vopts, class_names=names)
             outputs.write(e, folder)
             final = Path(out) / folder.relative_to(tmp)
-            done.append(Explained(e, final))
             if on_result:
-                on_result(done[-1])
+                on_result(e, final)
+            if windowed:  # keep a row, not the window's maps and links: memory stays flat
+                rows.append(_window_row(e, final))
+                done.append(Explained(None, final))
+            else:
+                done.append(Explained(e, final))
             if bar is not None:
                 bar.set_postfix_str(f"window {i + 1} of {count}")
                 bar.update(1)
             if windowed and i == 0 and count > 1:
                 _check_disk(tmp, folder, count)
-            del e  # one window's maps in memory at a time
+            del e
         if bar is not None:
             bar.close()
         if windowed:
             from cfp_onnx import report
 
-            rows = [_window_row(x) for x in done]
             (tmp / "index.html").write_text(report.render_index(rows, title=loaded.name), "utf-8")
         if extra is not None:
             extra(tmp)
     return done
 
 
-def _window_row(x: Explained) -> dict[str, Any]:
-    p, c = x.explanation.pyramid, x.explanation.clip
+def _window_row(e: Explanation, folder: Path) -> dict[str, Any]:
+    p, c = e.pyramid, e.clip
     pred = int(np.argmax(p.logits))
-    names = x.explanation.class_names
+    names = e.class_names
     return {
-        "folder": x.folder.name,
+        "folder": folder.name,
         "first": int(c.indices[0]),
         "last": int(c.indices[-1]),
         "seconds": (float(c.indices[0]) / c.fps) if c.fps else None,
@@ -165,7 +172,7 @@ def demo_to(
     pyramid: PyramidOptions | None = None,
     view: ViewOptions | None = None,
     overwrite: bool = False,
-) -> Explained:
+) -> Explanation:
     """The shipped model on a generated clip, with the clip as ``demo_clip.mp4`` beside it."""
     from cfp_onnx import demo
     from cfp_onnx.video import write_video
@@ -176,10 +183,12 @@ def demo_to(
     def save_clip(folder: Path) -> None:
         write_video(folder / "demo_clip.mp4", c.frames, fps=c.fps or 8.0)
 
-    return explain_to(
+    x = explain_to(
         loaded, c, out, pyramid=pyramid, view=view, overwrite=overwrite,
         extra=save_clip, clip_options=ClipOptions(),
     )[0]  # fmt: skip
+    assert x.explanation is not None  # one clip, not windows
+    return x.explanation
 
 
 @dataclass

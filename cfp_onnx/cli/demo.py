@@ -28,11 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_decoders()
     args.no_report = False
-    x = demo_to(
+    e = demo_to(
         args.out, seed=args.seed, pyramid=pyramid_options(args), view=view_options(args),
         overwrite=args.overwrite,
     )  # fmt: skip
-    print_prediction(x.explanation.pyramid, x.explanation.class_names)
-    print_summary(x.explanation.pyramid)
+    print_prediction(e.pyramid, e.class_names)
+    print_summary(e.pyramid)
     print(f"report: {Path(args.out).resolve() / 'report.html'}")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +28,8 @@ from cfp_onnx.cli.common import (
     pyramid_options,
     view_options,
 )
-from cfp_onnx.commands import Explained, explain_to
+from cfp_onnx.commands import explain_to
+from cfp_onnx.explanation import Explanation
 from cfp_onnx.options import FORMATS
 from cfp_onnx.pyramid import Pyramid
 
@@ -65,11 +67,10 @@ def run(args: argparse.Namespace) -> int:
     resources.parse_size(args.max_memory)  # a bad size fails before any work
     windowed = clips.window is not None
 
-    def report(x: Explained) -> None:
-        e = x.explanation
+    def report(e: Explanation, folder: Path) -> None:
         if windowed:
             c = e.clip
-            print(f"window {x.folder.name}: frames {int(c.indices[0])}..{int(c.indices[-1])}")
+            print(f"window {folder.name}: frames {int(c.indices[0])}..{int(c.indices[-1])}")
         print_prediction(e.pyramid, e.class_names)
         print_summary(e.pyramid)
 
