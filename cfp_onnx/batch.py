@@ -38,7 +38,7 @@ from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
 from cfp_onnx.options import ClipOptions, PyramidOptions
-from cfp_onnx.outputs import staged_dir, write_file
+from cfp_onnx.outputs import guard, staged_dir, write_file
 from cfp_onnx.provenance import KernelSpace
 from cfp_onnx.video import (
     IMAGE_EXTENSIONS,
@@ -269,7 +269,7 @@ def is_done(out: Path, cid: str) -> bool:
 
 def write_clip(out: Path, result: ClipResult) -> None:
     """Write one clip's folder atomically."""
-    with staged_dir(clip_dir(out, result.id), overwrite=True) as tmp:
+    with staged_dir(clip_dir(out, result.id), overwrite=True, mark={"clip": result.id}) as tmp:
         (tmp / "pyramid.json").write_text(result.pyramid_json)
         meta = {
             "clip": result.id, "source": result.source, "predicted": result.predicted,
@@ -289,6 +289,11 @@ def prepare_out(out: Path, manifest: dict[str, Any], *, overwrite: bool) -> None
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {str(out)!r} is a file; choose a folder")
     if overwrite and out.exists():
+        if not mpath.is_file():
+            raise OutputError(
+                f"--out {str(out)!r} is not a cfp batch folder (no {MANIFEST}); --overwrite "
+                "replaces only cfp's own results: move it or choose another --out"
+            )
         shutil.rmtree(out)
     if out.is_dir() and any(out.iterdir()):
         if not mpath.is_file():
@@ -463,7 +468,7 @@ def write_classes(
     names: Sequence[str] | None,
 ) -> None:
     """``classes/<label>/class_pyramid.json`` and ``report.html``, the folder replaced whole."""
-    with staged_dir(out / "classes", overwrite=True) as tmp:
+    with staged_dir(out / "classes", overwrite=True, mark={"classes": True}) as tmp:
         for label in sorted(aggs.classes):
             name = names[label] if names and 0 <= label < len(names) else None
             doc = class_pyramid(
@@ -537,6 +542,7 @@ def run_batch(
     """
     spec.options.check()
     out = Path(out)
+    guard(out, [spec.model, *(t.path for t in tasks)])  # never a folder of inputs or the model
     first = ClipWorker(spec)
     ex = first.explainer_for(first.decode(tasks[0]))
     _check_labels(spec.options, tasks, ex.classes)

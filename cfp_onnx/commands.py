@@ -84,8 +84,12 @@ def explain_to(
         clip_options or ClipOptions(),
         view or ViewOptions(),
     )
-    outputs.check_target(out, overwrite=overwrite)
+    protect = [
+        p for p in (getattr(model, "path", model), clip) if isinstance(p, (str, os.PathLike))
+    ]
+    outputs.check_target(out, overwrite=overwrite, protect=protect)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    mark = _marker(loaded)
     model_input = ModelInput.of(loaded, copts)
     windowed = copts.window is not None
     if windowed:
@@ -94,7 +98,7 @@ def explain_to(
         count, clips = 1, iter([model_input.clip(clip, loaded)])
     done: list[Explained] = []
     rows: list[dict[str, Any]] = []
-    with outputs.staged_dir(out, overwrite=overwrite) as tmp:
+    with outputs.staged_dir(out, overwrite=overwrite, protect=protect, mark=mark) as tmp:
         explainer: Explainer | None = None
         names: tuple[str, ...] | None = None
         bar = (
@@ -134,6 +138,16 @@ def explain_to(
         if extra is not None:
             extra(tmp)
     return done
+
+
+def _marker(loaded: LoadedModel) -> Callable[[], dict[str, Any]]:
+    """The output marker, its model hash computed on a thread meanwhile."""
+    digest = outputs.file_digest(loaded.path)
+
+    def mark() -> dict[str, Any]:
+        return outputs.marker(model={"name": loaded.name, "sha256": digest.result()})
+
+    return mark
 
 
 def _window_row(e: Explanation, folder: Path) -> dict[str, Any]:
@@ -240,14 +254,20 @@ def compare_to(
     opts, copts = pyramid or PyramidOptions(), clip_options or ClipOptions()
     base = view or ViewOptions()
     view = replace(base, class_tube=base.class_tube or "weighted", tube_files=(), report=False)
-    outputs.check_target(out, overwrite=overwrite)
+    protect = [model_a, model_b, *clips]
+    outputs.check_target(out, overwrite=overwrite, protect=protect)
     sides = []
     for key, path in (("a", model_a), ("b", model_b)):
         loaded = load_model(path)
         sides.append(Side(key, loaded, ModelInput.of(loaded, copts), device))
     several = len(clips) > 1
     done: list[Compared] = []
-    with outputs.staged_dir(out, overwrite=overwrite) as tmp:
+    marks = [_marker(s.loaded) for s in sides]
+
+    def mark() -> dict[str, Any]:
+        return {**marks[0](), "models": [m()["model"] for m in marks]}
+
+    with outputs.staged_dir(out, overwrite=overwrite, protect=protect, mark=mark) as tmp:
         for i, path in enumerate(clips):
             folder = tmp / f"clip_{i:03d}" if several else tmp
             folder.mkdir(exist_ok=True)

@@ -10,17 +10,23 @@ fully staged but not yet renamed into place, so a test can signal a run mid-writ
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,40 +36,150 @@ if TYPE_CHECKING:
     from cfp_onnx.explanation import Explanation
 
 
-def check_target(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Validate an output path before any work is done.
+MARKER = ".cfp-output.json"
+"""Written into every output folder: what made it. --overwrite replaces only such folders."""
+_STAGE = re.compile(r"^\.(?P<name>.+)\.cfp(?P<pid>\d+)\.[^.]*\.(tmp|old)$")
+
+
+def check_target(
+    path: str | os.PathLike[str], *, overwrite: bool, protect: Iterable[Any] = ()
+) -> Path:
+    """Validate an output path before any work is done; returns it resolved (a symlinked
+    --out is followed once, here, and never renamed away).
+
+    An existing *empty* folder is written into. An existing output is replaced only with
+    `overwrite`, and only when cfp wrote it (it holds MARKER). An --out that is, or holds,
+    the current folder, ``/`` or any path in `protect` (the model, clips, input folders)
+    is refused whatever the flags.
 
     Raises:
-        OutputError: it exists without --overwrite, its parent is missing or unwritable,
-            or a directory was expected and a file is there (or the reverse).
+        OutputError: any of the above, or a missing or unwritable parent.
     """
     p = Path(path)
-    parent = p.resolve().parent
+    dest = guard(p, protect)
+    parent = dest.parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {str(p)!r}: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {str(p)!r}: folder {str(parent)!r} is not writable")
-    if p.exists() or p.is_symlink():
+    if dest.exists() or p.is_symlink():
+        if dest.is_dir() and not any(dest.iterdir()):
+            return dest  # empty: not an output, written into
         if not overwrite:
             raise OutputError(f"{str(p)!r} already exists; pass --overwrite to replace it")
-    return p
+        if dest.is_dir() and not (dest / MARKER).is_file():
+            raise OutputError(
+                f"{str(p)!r} holds files cfp did not write (no {MARKER}); --overwrite replaces "
+                "only cfp's own results: move them or choose another --out"
+            )
+    return dest
+
+
+def guard(path: Path, protect: Iterable[Any] = ()) -> Path:
+    """`path` resolved, unless it is or holds the current folder, ``/`` or a protected path.
+
+    Raises:
+        OutputError: naming what the output would have replaced.
+    """
+    dest = Path(os.path.realpath(path))  # realpath: a symlink loop is the clip's error, later
+    here = Path(os.path.realpath(os.getcwd()))
+    for q in (here, Path("/"), *protect):
+        held = Path(os.path.realpath(q))
+        if held == dest or dest in held.parents:
+            what = "the current folder" if held == here else f"{str(q)!r}"
+            raise OutputError(
+                f"--out {str(path)!r} is or holds {what}, which cfp must not replace; choose "
+                "a new folder for the results"
+            )
+    return dest
+
+
+def marker(**fields: Any) -> dict[str, Any]:
+    """The MARKER document: the command line and what the caller adds (model, its hash)."""
+    from cfp_onnx import __version__
+
+    return {"tool": "cfp_onnx", "version": __version__, "command": sys.argv, **fields}
+
+
+def file_digest(path: str | os.PathLike[str]) -> Future[str]:
+    """sha256 of a file, computed on a thread (hashlib releases the GIL) while work goes on."""
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    return _digests().submit(digest)
+
+
+@lru_cache(maxsize=1)
+def _digests() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfp-hash")
 
 
 @contextmanager
-def staged_dir(target: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `target`; on success it replaces `target`."""
-    dest = check_target(target, overwrite=overwrite)
+def staged_dir(
+    target: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    protect: Iterable[Any] = (),
+    mark: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to `target`; on success it replaces `target`.
+
+    The swap never replaces another run's result: a new or empty target is taken with one
+    rename (which fails on a folder someone else filled meanwhile), and a replaced one must
+    still be cfp's. Staging folders of killed runs (their process gone) are removed first.
+    """
+    dest = check_target(target, overwrite=overwrite, protect=protect)
     if dest.exists() and not dest.is_dir():
-        raise OutputError(f"output {str(dest)!r} is a file, not a folder; choose another --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.resolve().parent))
+        raise OutputError(f"output {str(target)!r} is a file, not a folder; choose another --out")
+    clean_stale(dest)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{dest.name}.cfp{os.getpid()}.", suffix=".tmp", dir=dest.parent)
+    )
     try:
         yield tmp
+        if mark is not None:
+            doc = mark() if callable(mark) else mark
+            (tmp / MARKER).write_text(json.dumps(doc, indent=1, default=str))
         _test_pause()
         with _deferred_signals():
-            _swap_in(tmp, dest)
+            _swap_in(tmp, dest, str(target), overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def clean_stale(dest: Path) -> None:
+    """Remove staging folders next to `dest` left by cfp runs whose process is gone."""
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return
+    for e in entries:
+        m = _STAGE.match(e.name)
+        if m is None or m["name"] != dest.name or _alive(int(m["pid"])):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            with suppress(OSError):
+                os.unlink(e.path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _test_pause() -> None:
@@ -100,14 +216,30 @@ def _deferred_signals() -> Iterator[None]:
                 raise KeyboardInterrupt
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
+def _swap_in(tmp: Path, dest: Path, shown: str, overwrite: bool) -> None:
+    """Rename `tmp` onto `dest` without ever replacing another run's result."""
+    if overwrite and dest.is_dir() and any(dest.iterdir()):  # checked: cfp's own output
+        if not (dest / MARKER).is_file():
+            raise OutputError(f"{shown!r} was filled by files cfp did not write; kept them")
+        old = dest.with_name(f".{dest.name}.cfp{os.getpid()}.x.old")
+        os.rename(dest, old)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            with suppress(OSError):
+                os.rename(old, dest)
+            raise OutputError(f"another run wrote {shown!r} meanwhile; it was kept") from None
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+        return
+    try:
+        os.rename(tmp, dest)  # an empty folder is replaced; a filled one makes this fail
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise OutputError(
+                f"another run wrote {shown!r} while this one ran; its result was kept and "
+                "this one discarded: run again with another --out (or --overwrite)"
+            ) from None
+        raise
 
 
 def write_file(

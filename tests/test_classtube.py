@@ -101,7 +101,7 @@ def test_cli_writes_the_contrast_tube_and_shows_it(explained, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bare.returncode == 0, bare.stderr
     assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == [
-        "class_tube.npy", "pyramid.json",
+        ".cfp-output.json", "class_tube.npy", "pyramid.json",
     ]  # fmt: skip
     np.testing.assert_array_equal(np.load(tmp_path / "bare" / "class_tube.npy"),
                                   np.load(out / "class_tube.npy"))  # fmt: skip

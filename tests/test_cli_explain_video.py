@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import pytest
 
+from cfp_onnx.outputs import MARKER
 from tests.handmade import color_model, moving_square
 
 CFP = shutil.which("cfp", path=str(Path(sys.executable).parent)) or shutil.which("cfp")
@@ -57,7 +58,7 @@ def test_sliding_windows_give_one_pyramid_per_window(files: dict[str, Path]) -> 
     r = cfp("explain", str(files["model"]), "--clip", str(files["video"]), "--out", str(out),
             "--depth", "2", "--window", "10", "--stride", "6", "--no-shuffle")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    windows = sorted(p.name for p in out.iterdir())
+    windows = sorted(p.name for p in out.iterdir() if p.name != MARKER)
     assert windows == [
         "index.html",
         "window_000",
@@ -79,7 +80,7 @@ def test_no_report_no_tubes_writes_only_the_pyramid(files: dict[str, Path]) -> N
     r = cfp("explain", str(files["model"]), "--clip", str(files["video"]), "--out", str(out),
             "--no-report", "--no-tubes")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["pyramid.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "pyramid.json"]
 
 
 @pytest.mark.parametrize(
@@ -106,9 +107,15 @@ def test_bad_videos_and_options_fail_in_one_line(
 
 def test_existing_output_needs_overwrite(files: dict[str, Path]) -> None:
     out = files["root"] / "taken"
-    out.mkdir()
-    r = cfp("explain", str(files["model"]), "--clip", str(files["video"]), "--out", str(out))
+    out.mkdir()  # empty: written into (SPEC §7)
+    args = [str(files["model"]), "--clip", str(files["video"]), "--out", str(out), "--no-shuffle"]
+    assert cfp("explain", *args).returncode == 0 and (out / "report.html").is_file()
+    r = cfp("explain", *args)
     assert r.returncode == 2 and "--overwrite" in r.stderr
-    r = cfp("explain", str(files["model"]), "--clip", str(files["video"]), "--out", str(out),
-            "--overwrite", "--no-shuffle")  # fmt: skip
-    assert r.returncode == 0 and (out / "report.html").is_file()
+    assert cfp("explain", *args, "--overwrite").returncode == 0  # cfp's own output: replaced
+    theirs = files["root"] / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    r = cfp("explain", *args[:-3], "--out", str(theirs), "--overwrite")
+    assert r.returncode == 2 and "did not write" in r.stderr
+    assert (theirs / "notes.txt").read_text() == "mine"

@@ -99,7 +99,8 @@ def test_explicit_layer_mapping_and_npy_relayout(models: dict[str, Path]) -> Non
             "--clip", str(models["video"]), "--out", str(dest), "--map", str(models["map"])]  # fmt: skip
     assert main(["compare", *args, "--depth", "2", "--no-report", "--no-tubes"]) == 0
     figures = json.loads((dest / "agreement.json").read_text())
-    assert len(figures) == 2 and sorted(p.name for p in dest.iterdir())[:2] == [
+    assert len(figures) == 2 and sorted(p.name for p in dest.iterdir())[:3] == [
+        ".cfp-output.json",
         "agreement.json",
         "clip_000",
     ]

@@ -108,7 +108,7 @@ def test_default_outputs_besides_the_pyramid_fit_15_mb(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     files = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
     rest = sum(p.stat().st_size for p in files if p.name != "pyramid.json")
-    assert {p.name for p in files} == {"pyramid.json", "report.html"}
+    assert {p.name for p in files} == {"pyramid.json", "report.html", ".cfp-output.json"}
     assert rest <= 15 * 2**20, rest
     data = re.search(r'id="cfp-data">(.*?)</script>', (tmp_path / "o" / "report.html").read_text())
     assert data is not None

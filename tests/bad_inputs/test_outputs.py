@@ -111,3 +111,85 @@ def test_full_disk_is_one_line_and_leaves_nothing(work, tiny_disk):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "No space left" in r.stderr and "'out'" in r.stderr and "--out" in r.stderr
     assert list(tiny_disk.iterdir()) == []  # no partial output, no staging folder
+
+
+# --------------------------------------------------------------------------- never lose data
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_batch_out_onto_its_own_clips_is_refused(work):
+    clips = work / "clips"
+    clips.mkdir()
+    for i in range(2):
+        (clips / f"c{i}.npy").write_bytes((work / "clip.npy").read_bytes())
+    before = tree(work)
+    r = cfp("batch", "m.onnx", "--clips", "clips", "--out", "clips", "--overwrite", cwd=work)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "must not replace" in r.stderr
+    assert tree(work) == before
+
+
+@pytest.mark.parametrize("out", ["../{here}", ".", "/"])
+def test_out_holding_the_model_the_clip_or_the_cwd_is_refused(work, out):
+    before = tree(work)
+    r = cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", out.format(here=work.name),
+            "--overwrite", cwd=work)  # fmt: skip
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "must not replace" in r.stderr and "Traceback" not in r.stderr
+    assert tree(work) == before
+
+
+def test_two_runs_racing_for_one_new_out_never_replace_each_other(work):
+    slow = subprocess.Popen(
+        [CFP, "explain", "m.onnx", "--clip", "clip.npy", "--out", "out", "--theta", "0.1"],
+        cwd=work, env={**os.environ, "CFP_TEST_SLOW_WRITE": "4"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.5)  # the slow run has staged its result and waits before its rename
+    fast = cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", "out", cwd=work)
+    assert fast.returncode == 0, fast.stderr
+    kept = tree(work / "out")
+    _, err = slow.communicate(timeout=60)
+    assert slow.returncode == 2 and "another run wrote" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert tree(work / "out") == kept  # the first result, untouched
+    assert not [p for p in work.iterdir() if p.name.startswith(".out.")]  # no staging left
+
+
+def test_killed_run_leaves_staging_that_the_next_run_removes(work):
+    proc = subprocess.Popen(
+        [CFP, "explain", "m.onnx", "--clip", "clip.npy", "--out", "out"], cwd=work,
+        env={**os.environ, "CFP_TEST_SLOW_WRITE": "30"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    staged: list[Path] = []
+    while time.monotonic() < deadline and not staged:
+        staged = [
+            p
+            for p in work.iterdir()
+            if p.name.startswith(".out.") and (p / "pyramid.json").exists()
+        ]
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=10)
+    assert staged and staged[0].exists() and not (work / "out").exists()
+    r = cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", "out", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert not staged[0].exists() and (work / "out" / "pyramid.json").is_file()
+
+
+def test_symlinked_out_is_followed_once_and_never_renamed_away(work, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "results"
+    assert cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", str(elsewhere),
+               cwd=work).returncode == 0  # fmt: skip
+    (work / "link").symlink_to(elsewhere)
+    r = cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", "link", "--overwrite",
+            "--theta", "0.2", cwd=work)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (work / "link").is_symlink() and (work / "link").resolve() == elsewhere.resolve()
+    assert '"theta": 0.2' in (elsewhere / "pyramid.json").read_text()
+    assert not [p for p in elsewhere.parent.iterdir() if p.name.startswith(".results.")]
