@@ -137,6 +137,8 @@ class Explainer:
         level = self.head_csr.layers_reached(offsets)
         out = [level]
         for _ in range(depth - 1):
+            if len(level) == 0:  # the graph ran out of convs: deeper levels are empty too
+                break
             nxt = [self.input_csr(int(i)).layers_reached(offsets) for i in level]
             level = np.unique(np.concatenate(nxt)) if nxt else np.zeros(0, dtype=np.int64)
             out.append(level)

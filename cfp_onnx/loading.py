@@ -19,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from cfp_onnx.errors import ClipError, ModelError
+from cfp_onnx.errors import ClipError, ModelError, OptionError
 from cfp_onnx.graph import toposort
 from cfp_onnx.wire import strip_weights
 
@@ -84,7 +84,10 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
 
     Raises:
         ModelError: missing, unreadable or malformed file, or unsafe external data.
+        OptionError: `path` is not a path at all.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise OptionError(f"model must be a path to a .onnx file (got {type(path).__name__})")
     p = Path(path)
     if not p.is_file():
         raise ModelError(

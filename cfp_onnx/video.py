@@ -177,7 +177,7 @@ def _looped(n_frames: int, clip_len: int, step: int, *, loop: bool) -> np.ndarra
         raise ClipError(
             f"video has {n_frames} frames; the model needs {need} "
             f"({clip_len} frames, stride {step}): use a longer video, a smaller stride, "
-            "or loop=True (--loop) to repeat it from the start"
+            "or (from Python) load_clip(..., loop=True) to repeat it from the start"
         )
     log.info("looping a %d-frame video to fill %d frames", n_frames, need)
     return (np.arange(clip_len, dtype=np.int64) * step) % n_frames

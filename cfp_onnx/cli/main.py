@@ -7,8 +7,10 @@ its traceback (exit 1); Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -80,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cfp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cfp inspect m.onnx | head`: the reader left; exit quietly
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

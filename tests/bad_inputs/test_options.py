@@ -126,3 +126,19 @@ def test_model_folder_left_clean(tmp_path):
             np.zeros((1, 3, 8, 32, 32), np.float32), label=9
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_model_that_is_not_a_path_is_an_option_error():
+    import cfp_onnx
+
+    with pytest.raises(OptionError, match="model must be a path"):
+        cfp_onnx.explain(123, np.zeros((1, 3, 8, 32, 32), np.float32))  # type: ignore[arg-type]
+
+
+def test_a_huge_depth_ends_where_the_network_does(work):
+    from tests.bad_inputs.conftest import cfp
+
+    r = cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", "o", "--depth", "2147483647",
+            "--theta", "0", cwd=work, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "ran out of layers" in r.stdout
