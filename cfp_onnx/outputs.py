@@ -141,6 +141,7 @@ def staged_dir(
         tempfile.mkdtemp(prefix=f".{dest.name}.cfp{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     )
     try:
+        permissions(tmp, folder=True)
         yield tmp
         if mark is not None:
             doc = mark() if callable(mark) else mark
@@ -151,6 +152,14 @@ def staged_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def permissions(path: str | os.PathLike[str], *, folder: bool) -> None:
+    """Give a staged file or folder the mode a plain create would (mkstemp/mkdtemp make
+    them private): 0o666 or 0o777 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
 
 
 def clean_stale(dest: Path) -> None:
@@ -253,6 +262,7 @@ def write_file(
     os.close(fd)
     tmp = Path(name)
     try:
+        permissions(tmp, folder=False)
         write(tmp)
         _test_pause()
         with _deferred_signals():

@@ -40,6 +40,7 @@ import numpy as np
 
 from cfp_onnx.errors import ClipError, OptionError, OutputError
 from cfp_onnx.options import LAYOUTS, SAMPLINGS
+from cfp_onnx.outputs import permissions
 
 log = logging.getLogger(__name__)
 
@@ -678,6 +679,7 @@ def write_video(
         ) from None
     os.close(fd)
     try:
+        permissions(tmp, folder=False)
         _encode(Path(tmp), arr, fourcc, fps)
         os.replace(tmp, out)
     finally:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from cfp_onnx.errors import ModelError, OutputError
+from cfp_onnx.outputs import permissions
 
 RELATIVE_TOLERANCE = 1e-4
 """Largest allowed |onnx - framework|, as a fraction of max(1, largest |output|)."""
@@ -197,6 +198,7 @@ def atomic_output(path: str | os.PathLike[str], *, overwrite: bool) -> Iterator[
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        permissions(tmp, folder=False)  # as a plain create would: the umask, not 0o600
         yield tmp
         os.replace(tmp, target)
     finally:

@@ -193,3 +193,13 @@ def test_symlinked_out_is_followed_once_and_never_renamed_away(work, tmp_path_fa
     assert (work / "link").is_symlink() and (work / "link").resolve() == elsewhere.resolve()
     assert '"theta": 0.2' in (elsewhere / "pyramid.json").read_text()
     assert not [p for p in elsewhere.parent.iterdir() if p.name.startswith(".results.")]
+
+
+def test_outputs_respect_the_umask(work):
+    """Files and folders come out as a plain create would make them, not private."""
+    r = cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", "out", cwd=work)
+    assert r.returncode == 0, r.stderr
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (work / "out").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (work / "out" / "pyramid.json").stat().st_mode & 0o777 == 0o666 & ~mask
