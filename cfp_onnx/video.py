@@ -29,6 +29,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -218,7 +219,7 @@ def natural_key(name: str) -> tuple[object, ...]:
 def _check_path(path: Path) -> None:
     """Raise a ClipError that says why ``path`` cannot be opened, if it cannot."""
     try:
-        os.stat(path)
+        st = os.stat(path)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ClipError(f"{path}: symbolic link loop; point the link at a real file") from None
@@ -229,6 +230,11 @@ def _check_path(path: Path) -> None:
         if exc.errno == errno.ENOENT:
             raise ClipError(f"{path}: no such file or folder; check the path") from None
         raise ClipError(f"{path}: cannot open ({exc.strerror}); check permissions") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise ClipError(
+            f"{path}: not a regular file (a FIFO, socket or device); pass a video, a folder of "
+            "frames or a .npy file"
+        )
     if not os.access(path, os.R_OK):
         raise ClipError(f"{path}: not readable (permission denied); check permissions")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -185,3 +186,22 @@ def test_missing_or_unknown_clip(work, refused, name, fragment):
     if name != "nothing.mp4":
         (work / name).write_bytes(b"x")
     refused("explain", "m.onnx", "--clip", name, "--out", "out", fragments=(fragment,))
+
+
+@pytest.mark.parametrize("where", ["clip", "frame"])
+def test_a_fifo_is_refused_not_waited_on(work, where):
+    """A named pipe as the clip, or among a folder's frames: one line, never a hang."""
+    from tests.bad_inputs.conftest import cfp
+
+    if where == "clip":
+        os.mkfifo(work / "pipe.mp4")
+        clip = "pipe.mp4"
+    else:
+        (work / "frames").mkdir()
+        for i, f in enumerate(moving_square()[0]):
+            cv2.imwrite(str(work / "frames" / f"{i:03d}.png"), f)
+        os.mkfifo(work / "frames" / "004b.png")
+        clip = "frames"
+    r = cfp("explain", "m.onnx", "--clip", clip, "--out", "o", cwd=work, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a regular file" in r.stderr and not (work / "o").exists()
