@@ -38,7 +38,7 @@ from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
 from cfp_onnx.options import ClipOptions, PyramidOptions
-from cfp_onnx.outputs import guard, staged_dir, write_file
+from cfp_onnx.outputs import file_digest, guard, staged_dir, write_file
 from cfp_onnx.provenance import KernelSpace
 from cfp_onnx.video import (
     IMAGE_EXTENSIONS,
@@ -300,7 +300,13 @@ def prepare_out(out: Path, manifest: dict[str, Any], *, overwrite: bool) -> None
             raise OutputError(
                 f"--out {str(out)!r} exists and is not a cfp batch folder; pass --overwrite to replace it"
             )
-        old = json.loads(mpath.read_text())
+        try:
+            old = json.loads(mpath.read_text())
+        except (OSError, ValueError):
+            raise OutputError(
+                f"{str(mpath)!r} is damaged (not readable JSON); pass --overwrite to start the "
+                "batch again"
+            ) from None
         if old != manifest:
             diff = sorted(k for k in manifest if old.get(k) != manifest[k])
             raise OutputError(
@@ -575,8 +581,16 @@ def run_batch(
 
 
 def manifest(spec: WorkerSpec, ex: Explainer) -> dict[str, Any]:
-    """What must match for a resumed run to continue an earlier one."""
-    return {"model": ex.model_name, "input_shape": list(ex.input_shape), **spec.options.to_dict()}
+    """What must match for a resumed run to continue an earlier one: the model by content
+    (its file's sha256, weights stored inline included), its input and every option."""
+    doc = {
+        "model": ex.model_name,
+        "model_sha256": file_digest(ex.loaded.path).result(),
+        "input_shape": list(ex.input_shape),
+        **spec.options.to_dict(),
+        "decoding": {k: getattr(spec.decoding, k) for k in spec.decoding.__slots__},
+    }
+    return json.loads(json.dumps(doc))  # as it reads back from batch.json (tuples as lists)
 
 
 def _check_labels(options: BatchOptions, tasks: Sequence[ClipTask], classes: int) -> None:

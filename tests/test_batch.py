@@ -336,3 +336,23 @@ def test_cli_errors_are_one_line(data: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "3 clips explained, 0 already done, 0 failed, of 3" in r.stdout
     assert len(list((tmp_path / "o" / "clips").iterdir())) == 3
+
+
+def test_resume_after_the_model_changed_or_the_manifest_broke_is_refused(
+    data: Path, tmp_path: Path
+) -> None:
+    """Same file name, other weights: refused by content, naming model_sha256; a damaged
+    batch.json is one line that says how to recover. Nothing in the folder changes."""
+    tiny_model(tmp_path / "m.onnx", seed=0)
+    args = ["m.onnx", "--clips", str(data / "clips"), "--theta", "0.5", "--no-progress"]
+    assert cfp("batch", *args, "--limit", "3", "--out", "out", cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    tiny_model(tmp_path / "m.onnx", seed=1)  # replaced in place
+    r = cfp("batch", *args, "--out", "out", cwd=tmp_path)
+    assert r.returncode == 2 and "model_sha256" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "out" / "batch.json").write_text("{ not json")
+    r = cfp("batch", *args, "--out", "out", cwd=tmp_path)
+    assert r.returncode == 2 and "damaged" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    after = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert {p for p in after} == set(before)
