@@ -171,6 +171,5 @@ def _shuffle_ratio(
         tubes_mod.shuffle_frames(clip.tensor, axis, perm), depth=maker.pyr.depth, full=full
     )
     original = maps.responses()
-    after = maker.responses(np.arange(len(original)), shuffled.full)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(original > 0, after / original, np.nan)
+    nodes = np.arange(len(original))
+    return tubes_mod.motion_test(maker, nodes, shuffled, perm, original).ratio

@@ -64,7 +64,8 @@ class ModelInput:
         path = _path(source)
         if path.suffix.lower() in video.TENSOR_EXTENSIONS and not path.is_dir():
             return video.load_clip(path, self._npy_preprocess())
-        return video.load_clip(path, self._video_preprocess(loaded), sampling=self.sampling)
+        sampling = self.options.sampling
+        return video.load_clip(path, self._video_preprocess(loaded), sampling=sampling)  # type: ignore[arg-type]
 
     def windows(self, source: Any, loaded: LoadedModel) -> tuple[int, Iterator[Clip]]:
         """How many windows of ``options.window`` frames every ``options.stride`` a video
@@ -75,10 +76,6 @@ class ModelInput:
         path, size, step = _path(source), self.options.window, self.options.stride
         count = len(video.window_spans(path, pre, size, step)[1])
         return count, video.iter_windows(path, pre, size, step)
-
-    @property
-    def sampling(self) -> Any:
-        return self.options.sampling
 
     def _video_preprocess(self, loaded: LoadedModel) -> Preprocess:
         return self.preprocess if self.preprocess is not None else self.options.preprocess(loaded)

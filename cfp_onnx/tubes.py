@@ -315,11 +315,18 @@ def shuffle_frames(tensor: np.ndarray, time_axis: int, perm: np.ndarray) -> np.n
     return np.ascontiguousarray(np.take(tensor, perm, axis=time_axis))
 
 
-def motion_test(maker: TubeMaker, nodes: np.ndarray, shuffled: Run, perm: np.ndarray) -> MotionTest:
-    """Compare each kernel's pooled response on the clip and on its shuffled twin."""
+def motion_test(
+    maker: TubeMaker,
+    nodes: np.ndarray,
+    shuffled: Run,
+    perm: np.ndarray,
+    original: np.ndarray | None = None,
+) -> MotionTest:
+    """Compare each kernel's pooled response on the clip (`original`, if already known) and
+    on its shuffled twin."""
     return MotionTest(
         nodes=np.asarray(nodes, dtype=np.int64),
-        original=maker.responses(nodes),
+        original=maker.responses(nodes) if original is None else original,
         shuffled=maker.responses(nodes, shuffled.full),
         permutation=np.asarray(perm),
     )
