@@ -73,7 +73,7 @@ class Explainer:
     ) -> None:
         """`max_memory`: bytes or ``"2G"``; None: 80% of the available memory; ``"off"``: no
         guard (see cfp_onnx.resources). A run estimated above it raises ResourceError."""
-        self.memory_limit, self._limit_source = resources.resolve_limit(max_memory)
+        self.memory_limit = resources.MemoryLimit.of(max_memory)
         self.xp = array_module(device)
         self.device = device
         self.threads = threads
@@ -252,7 +252,7 @@ class Explainer:
             self._estimates[key] = resources.estimate(
                 self.shapes, self.expanded_layers(depth).tolist(), reachable, full
             )
-        resources.check(self._estimates[key], self.memory_limit, self._limit_source)
+        resources.check(self._estimates[key], self.memory_limit)
         out = self.session(taps).run(arr, [t.name for t in taps])
         logits = np.asarray(out[self.head.logits], dtype=np.float64).reshape(-1)
         if logits.size != self.classes:
@@ -430,7 +430,7 @@ def explain(
     """
     opts = PyramidOptions(depth=depth, theta=theta, top_n=top_n, head_mode=head_mode, label=label)
     loaded = load_model(model)
-    arr = clip if isinstance(clip, np.ndarray) else _read_clip(clip, loaded)
+    arr = clip if isinstance(clip, np.ndarray) else _read_clip(clip, loaded, max_memory)
     explainer = Explainer(
         loaded, clip_shape=tuple(arr.shape), output=output, device=device, max_memory=max_memory
     )
@@ -447,7 +447,10 @@ def _clip_path(clip: Any) -> str | os.PathLike[str]:
     return clip
 
 
-def _read_clip(clip: str | os.PathLike[str], loaded: LoadedModel) -> np.ndarray:
+def _read_clip(
+    clip: str | os.PathLike[str], loaded: LoadedModel, max_memory: str | int | None
+) -> np.ndarray:
     from cfp_onnx.modelinput import ModelInput  # OpenCV only when a file clip is read
 
-    return ModelInput.of(loaded).clip(_clip_path(clip), loaded).tensor
+    limit = resources.MemoryLimit.of(max_memory)
+    return ModelInput.of(loaded).clip(_clip_path(clip), loaded, limit).tensor

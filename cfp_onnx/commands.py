@@ -28,6 +28,7 @@ from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
 from cfp_onnx.options import ClipOptions, PyramidOptions, ViewOptions
+from cfp_onnx.resources import MemoryLimit
 from cfp_onnx.video import Clip
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,12 @@ def explain_to(
     outputs.check_target(out, overwrite=overwrite, protect=protect)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     mark = _marker(loaded)
-    model_input = ModelInput.of(loaded, copts)
+    model_input, limit = ModelInput.of(loaded, copts), MemoryLimit.of(max_memory)
     windowed = copts.window is not None
     if windowed:
-        count, clips = model_input.windows(clip, loaded)
+        count, clips = model_input.windows(clip, loaded, limit)
     else:
-        count, clips = 1, iter([model_input.clip(clip, loaded)])
+        count, clips = 1, iter([model_input.clip(clip, loaded, limit)])
     done: list[Explained] = []
     rows: list[dict[str, Any]] = []
     with outputs.staged_dir(out, overwrite=overwrite, protect=protect, mark=mark) as tmp:

@@ -62,8 +62,13 @@ class LocalEngine:
                 except CfpError as exc:
                     yield ClipFailure(task.id, str(exc))
         finally:
+            # Wait for the decoder, never leave it running: a daemon thread inside OpenCV
+            # when the interpreter exits is killed by a forced unwind through C++ frames,
+            # which aborts the process ("FATAL: exception not rethrown", exit 134) instead
+            # of the 130 an interrupt owes. It stops at its next clip boundary.
             stop.set()
             _drain(q)
+            thread.join()
 
 
 def _decode_into(
@@ -133,7 +138,11 @@ class RayEngine:
     def _connect(self, ray: Any) -> bool:
         if ray.is_initialized():
             return False
-        kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+        kwargs: dict[str, Any] = {
+            "log_to_driver": False,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,  # its INFO/WARNING lines are not the user's errors
+        }
         if self.address:
             kwargs["address"] = self.address
         elif self.num_cpus:

@@ -20,6 +20,7 @@ from cfp_onnx.errors import CfpError, ClipError
 from cfp_onnx.loading import LoadedModel, declared_shape, graph_input
 from cfp_onnx.modelinfo import guess_layout
 from cfp_onnx.options import ClipOptions
+from cfp_onnx.resources import MemoryLimit
 
 if TYPE_CHECKING:
     from cfp_onnx.video import Clip, Preprocess
@@ -53,29 +54,35 @@ class ModelInput:
         """The time axis of the model input (batch axis first)."""
         return 2 if self.layout == "NCDHW" else 1
 
-    def clip(self, source: Any, loaded: LoadedModel) -> Clip:
-        """One clip from a Clip, an array (the model's layout, batch axis optional) or a file."""
+    def clip(self, source: Any, loaded: LoadedModel, limit: MemoryLimit | None = None) -> Clip:
+        """One clip from a Clip, an array (the model's layout, batch axis optional) or a file.
+
+        A file is checked against `limit` (None: the default limit) before it is read."""
         from cfp_onnx import video
 
         if isinstance(source, video.Clip):
             return source
         if isinstance(source, np.ndarray):
             return self._array_clip(source)
-        path = _path(source)
+        path, limit = _path(source), limit or MemoryLimit.of()
         if path.suffix.lower() in video.TENSOR_EXTENSIONS and not path.is_dir():
-            return video.load_clip(path, self._npy_preprocess())
-        sampling = self.options.sampling
-        return video.load_clip(path, self._video_preprocess(loaded), sampling=sampling)  # type: ignore[arg-type]
+            return video.load_clip(path, self._npy_preprocess(), limit=limit)
+        pre, sampling = self._video_preprocess(loaded), self.options.sampling
+        return video.load_clip(path, pre, sampling=sampling, limit=limit)  # type: ignore[arg-type]
 
-    def windows(self, source: Any, loaded: LoadedModel) -> tuple[int, Iterator[Clip]]:
+    def windows(
+        self, source: Any, loaded: LoadedModel, limit: MemoryLimit | None = None
+    ) -> tuple[int, Iterator[Clip]]:
         """How many windows of ``options.window`` frames every ``options.stride`` a video
-        gives, and the clips one at a time (decoded in one pass, streamed)."""
+        gives, and the clips one at a time (decoded in one pass, streamed, each checked
+        against `limit`)."""
         from cfp_onnx import video
 
         pre = self._video_preprocess(loaded)
         path, size, step = _path(source), self.options.window, self.options.stride
         count = len(video.window_spans(path, pre, size, step)[1])
-        return count, video.iter_windows(path, pre, size, step)
+        limit = limit or MemoryLimit.of()
+        return count, video.iter_windows(path, pre, size, step, limit=limit)
 
     def _video_preprocess(self, loaded: LoadedModel) -> Preprocess:
         return self.preprocess if self.preprocess is not None else self.options.preprocess(loaded)

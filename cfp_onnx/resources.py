@@ -15,6 +15,11 @@ The estimate, in bytes (activations counted as float32; the graph keeps no dtype
 - **pyramid scratch**: three float64 ``C_out x C_in`` arrays of the largest layer the
   pyramid can expand (back-step scores, normalised scores, kept mask).
 
+A clip is checked before it is read, by what the user controls: a ``.npy`` by its
+header's shape and dtype (the array is memory-mapped, never read whole first), a video
+or frame folder frame by frame before each resize, at ``CLIP_BYTES_PER_VALUE`` bytes per
+value of the decoded clip (its uint8 frames and the float32 copies normalising makes).
+
 onnxruntime's own workspaces (im2col buffers) are not counted, so this is an estimate of
 what must be held, not a ceiling on the process. The default limit is 80% of the memory
 available now (``MemAvailable`` in ``/proc/meminfo``; elsewhere physical pages x page
@@ -45,6 +50,9 @@ FLOAT32 = 4
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 NO_LIMIT = ("off", "none", "unlimited")
+CLIP_BYTES_PER_VALUE = 1 + 3 * FLOAT32
+"""Bytes a decoded clip holds per value: uint8 frames, and three float32 arrays at once
+while it is normalised into the model's input (scaled, centred, transposed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,14 +131,27 @@ def default_limit() -> int | None:
     return int(free * DEFAULT_FRACTION) if free else None
 
 
-def resolve_limit(max_memory: str | int | float | None) -> tuple[int | None, str]:
-    """The limit in bytes (None: no guard) and where it came from, for the message.
+@dataclass(frozen=True, slots=True)
+class MemoryLimit:
+    """The guard's limit in bytes (None: no guard) and where it came from, for messages."""
 
-    ``None`` means the default (from available memory); ``"off"`` means no guard.
-    """
-    if max_memory is None:
-        return default_limit(), f"default: {DEFAULT_FRACTION:.0%} of the available memory"
-    return parse_size(max_memory), "--max-memory"
+    bytes: int | None
+    source: str
+
+    @classmethod
+    def of(cls, max_memory: str | int | float | None = None) -> MemoryLimit:
+        """``None``: the default (from the memory available now); ``"off"``: no guard."""
+        if max_memory is None:
+            return cls(default_limit(), f"default: {DEFAULT_FRACTION:.0%} of the available memory")
+        return cls(parse_size(max_memory), "--max-memory")
+
+    def check(self, need: int, what: str, advice: str) -> None:
+        """Raises ResourceError when `need` bytes exceed the limit."""
+        if self.bytes is not None and need > self.bytes:
+            raise ResourceError(
+                f"{what} would need about {format_size(need)}; the memory limit is "
+                f"{format_size(self.bytes)} ({self.source}): {advice}, or raise --max-memory"
+            )
 
 
 def weight_bytes(initializers: Iterable[Any]) -> int:
@@ -192,12 +213,12 @@ def _tube_chunk(input_shape: tuple[int, ...]) -> int:
     return CHUNK * _bytes(tuple(spatial))
 
 
-def check(est: Estimate, limit: int | None, source: str) -> None:
-    """Raises ResourceError when `est` exceeds `limit` (None: no guard)."""
-    if limit is None or est.total <= limit:
+def check(est: Estimate, limit: MemoryLimit) -> None:
+    """Raises ResourceError when `est` exceeds `limit`."""
+    if limit.bytes is None or est.total <= limit.bytes:
         return
     raise ResourceError(
-        f"this explain would need {est.describe()}; the memory limit is {format_size(limit)} "
-        f"({source}): use a smaller clip or depth, skip tubes and report (--no-tubes "
-        "--no-report), or raise --max-memory (e.g. --max-memory 64G, or off)"
+        f"this explain would need {est.describe()}; the memory limit is "
+        f"{format_size(limit.bytes)} ({limit.source}): use a smaller clip or depth, skip tubes "
+        "and report (--no-tubes --no-report), or raise --max-memory (e.g. --max-memory 64G, or off)"
     )

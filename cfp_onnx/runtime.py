@@ -19,6 +19,13 @@ from cfp_onnx.loading import ExternalTensor
 
 log = logging.getLogger(__name__)
 
+QUIET = 4
+"""onnxruntime log severity: FATAL only. Its errors reach the user once, as our ModelError,
+not also as an ``[E:onnxruntime ...]`` line of its own (SPEC §7: one stderr line)."""
+ort.set_default_logger_severity(QUIET)
+_RUN = ort.RunOptions()
+_RUN.log_severity_level = QUIET
+
 PROVIDERS = {
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -84,7 +91,7 @@ class Session:
 
     def _options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = QUIET
         # Idle onnxruntime threads sleep instead of spinning: the back-step that follows a run
         # needs the same cores.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -144,7 +151,7 @@ class Session:
         try:
             if self._device == "cuda":
                 return bound_run(self._session, self.input_name, clip, names, _to_device)
-            values = self._session.run(names, {self.input_name: clip})
+            values = self._session.run(names, {self.input_name: clip}, _RUN)
         except Exception as exc:
             raise ModelError(
                 f"onnxruntime failed to run the model on this clip: {_first_line(exc)}"

@@ -373,8 +373,8 @@ def stack(frames: np.ndarray, shift: int | None = None) -> np.ndarray:
 
 def write_image(path: Path, rgb: np.ndarray) -> None:
     """Write an RGB image (format from the suffix)."""
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OutputError(f"cannot write image {path}")
+    ok, buf = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    _write_encoded(path, ok, buf)
 
 
 def write_animation(path: Path, frames: np.ndarray, fps: float = 8.0) -> None:
@@ -383,8 +383,16 @@ def write_animation(path: Path, frames: np.ndarray, fps: float = 8.0) -> None:
     anim.frames = [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames]
     anim.durations = [round(1000 / fps)] * len(frames)
     anim.loop_count = 0
-    if not cv2.imwriteanimation(str(path), anim):
-        raise OutputError(f"cannot write animation {path}")
+    ok, buf = cv2.imencodeanimation(path.suffix, anim)
+    _write_encoded(path, ok, buf)
+
+
+def _write_encoded(path: Path, ok: bool, buf: np.ndarray) -> None:
+    """Encoded in memory, written by Python: a full disk is our OSError (then one line),
+    never libpng's own "Write Error" on stderr."""
+    if not ok:
+        raise OutputError(f"cannot encode {path.name} as {path.suffix}")
+    path.write_bytes(buf.tobytes())
 
 
 def write_kernel_files(

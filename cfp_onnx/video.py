@@ -42,8 +42,14 @@ import numpy as np
 from cfp_onnx.errors import ClipError, OptionError, OutputError
 from cfp_onnx.options import LAYOUTS, SAMPLINGS
 from cfp_onnx.outputs import permissions
+from cfp_onnx.resources import CLIP_BYTES_PER_VALUE, MemoryLimit
 
 log = logging.getLogger(__name__)
+
+# OpenCV's own "[ WARN:0] ... imread_" / "[ERROR:0] ... readHeader" lines would be a second
+# stderr line beside the ClipError that names the file (SPEC §7): silence them; every
+# failure they describe comes back to us as an empty read or a False.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 VIDEO_EXTENSIONS = frozenset(
     {
@@ -483,16 +489,41 @@ def to_tensor(frames: np.ndarray, preprocess: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(x[None], dtype=np.float32)
 
 
-def _spatial(preprocess: Preprocess) -> FrameTransform:
-    return lambda frame: resize_crop(frame, preprocess.size, preprocess.short_side)
+def _spatial(preprocess: Preprocess, limit: MemoryLimit | None = None) -> FrameTransform:
+    """Resize and crop each decoded frame, checking first (when `limit` is given) that the
+    clip it belongs to, and the resized frame, fit: ``--size 40000,40000`` is refused
+    after one small frame is decoded, before any large array exists."""
+
+    def transform(frame: np.ndarray) -> np.ndarray:
+        if limit is not None:
+            h, w = frame.shape[:2]
+            th, tw = preprocess.size or (h, w)
+            clip = preprocess.frames * th * tw * 3 * CLIP_BYTES_PER_VALUE
+            limit.check(
+                clip + _resized_bytes(h, w, preprocess),
+                f"a clip of {preprocess.frames} frames of {th}x{tw} (from {h}x{w})",
+                "use a smaller --size or fewer --frames",
+            )
+        return resize_crop(frame, preprocess.size, preprocess.short_side)
+
+    return transform
+
+
+def _resized_bytes(h: int, w: int, preprocess: Preprocess) -> int:
+    """uint8 bytes of one frame scaled by resize_crop, before its crop."""
+    if preprocess.size is None:
+        return 0
+    th, tw = preprocess.size
+    factor = preprocess.short_side / min(h, w) if preprocess.short_side else max(th / h, tw / w)
+    return max(th, round(h * factor)) * max(tw, round(w * factor)) * 3
 
 
 # ----------------------------------------------------------------- .npy tensors
 
 
-def _load_tensor(path: Path, preprocess: Preprocess) -> Clip:
+def _load_tensor(path: Path, preprocess: Preprocess, limit: MemoryLimit | None = None) -> Clip:
     """Load a preprocessed ``.npy`` clip and derive display frames from it."""
-    x = _read_npy(path)
+    x = _read_npy(path, limit)
     check_tensor(x, path)
     if x.ndim == 4:
         x = x[None]
@@ -507,10 +538,26 @@ def _load_tensor(path: Path, preprocess: Preprocess) -> Clip:
     )
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(path: Path, limit: MemoryLimit | None = None) -> np.ndarray:
+    """The array, read only after its header's shape and dtype are checked against `limit`
+    (memory-mapped first: a header that declares more than the file holds is refused too)."""
     try:
-        return np.asarray(np.load(path, allow_pickle=False))
+        mapped = np.load(path, allow_pickle=False, mmap_mode="r")
+        if not isinstance(mapped, np.ndarray):
+            raise ValueError("not a single array")
+        if limit is not None:
+            limit.check(
+                mapped.nbytes + mapped.size * CLIP_BYTES_PER_VALUE,
+                f"{path.name} (shape {mapped.shape}, {mapped.dtype})",
+                "save a smaller clip",
+            )
+        return np.array(mapped)
     except ValueError as exc:
+        if "greater than file size" in str(exc):
+            raise ClipError(
+                f"{path}: the file is shorter than its header's shape says; it is truncated "
+                "(save it again with np.save)"
+            ) from None
         raise ClipError(
             f"{path}: not a plain numeric .npy ({exc}); save it with np.save(arr)"
         ) from None
@@ -575,21 +622,26 @@ def load_clip(
     *,
     sampling: Sampling = "uniform",
     loop: bool = False,
+    limit: MemoryLimit | None = None,
 ) -> Clip:
     """Load one model-ready clip from a video, a frame folder or a ``.npy`` tensor.
 
+    `limit` bounds what reading it may hold (see cfp_onnx.resources); None: no guard.
+
     Raises:
         ClipError: the input is unreadable, too short (without ``loop``), or a bad tensor.
+        ResourceError: the clip would not fit in `limit`.
     """
     p = Path(path)
     if p.suffix.lower() in TENSOR_EXTENSIONS and not p.is_dir():
         _check_path(p)
-        return _load_tensor(p, preprocess)
+        return _load_tensor(p, preprocess, limit)
     source = _open_source(p)
     indices = sample_indices(
         source.count(), preprocess.frames, sampling, preprocess.stride, loop=loop
     )
-    return _make_clip(source, indices, source.read(indices, _spatial(preprocess)), preprocess)
+    frames = source.read(indices, _spatial(preprocess, limit))
+    return _make_clip(source, indices, frames, preprocess)
 
 
 def window_spans(
@@ -627,6 +679,7 @@ def iter_windows(
     stride: int | None = None,
     *,
     loop: bool = False,
+    limit: MemoryLimit | None = None,
 ) -> Iterator[Clip]:
     """Clips for sliding windows over a whole video, one at a time, in order.
 
@@ -639,7 +692,7 @@ def iter_windows(
         stride: frames between window starts (default ``window``: no overlap).
     """
     source, picks = window_spans(path, preprocess, window, stride, loop=loop)
-    for idx, frames in source.stream(picks, _spatial(preprocess)):
+    for idx, frames in source.stream(picks, _spatial(preprocess, limit)):
         yield _make_clip(source, idx, frames, preprocess)
 
 

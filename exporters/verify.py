@@ -88,7 +88,7 @@ def run_onnx(path: str | os.PathLike[str], feeds: dict[str, np.ndarray]) -> list
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # its errors come back as our one-line ModelError
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return [np.asarray(o) for o in session.run(None, feeds)]
 

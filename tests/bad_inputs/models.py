@@ -80,6 +80,17 @@ def _with_op(p: Path, op: str, domain: str = "", **attrs: object) -> None:
     g.save(p, [g.gemm(g.pool_flatten(g.relu(g.conv(y, 6, 6))), 6, 3)])
 
 
+def ort_rejects_at_run(p: Path) -> None:
+    """Valid ONNX whose first conv onnxruntime refuses on the clip (dilated past its size):
+    its own ``[E:onnxruntime ...]`` log line must not reach stderr beside ours."""
+
+    def dilate(m: onnx.ModelProto) -> None:
+        conv = next(n for n in m.graph.node if n.op_type == "Conv")
+        conv.attribute.append(helper.make_attribute("dilations", [1, 40, 40]))
+
+    _edit(p, dilate)
+
+
 def unknown_op(p: Path) -> None:
     _with_op(p, "LpNormalization", axis=1)
 

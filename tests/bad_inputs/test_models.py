@@ -40,6 +40,12 @@ CASES: list[tuple[str, Callable[[Path], object], type[CfpError], tuple[str, ...]
     ),
     ("inf-head", models.inf_classifier_weight, ModelError, ("classifier 'gemm", "NaN or Inf")),
     ("nan-bias", models.nan_bias, ModelError, ("initializer 'c2' holds NaN or Inf",)),
+    (
+        "ort-rejects",
+        models.ort_rejects_at_run,
+        ModelError,
+        ("onnxruntime failed to run the model on this clip", "Invalid input shape"),
+    ),
     ("two-inputs", models.two_inputs, ModelError, ("exactly one input", "'video', 'x2'")),
 ]
 

@@ -3,10 +3,12 @@ leaves the previous result or nothing, and no temporary folder."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,17 +93,25 @@ def test_signal_at_any_moment_gives_old_or_new_never_partial(work, delay):
         assert '"theta": 0.1' in (work / "out" / "pyramid.json").read_text()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):  # type: ignore[no-untyped-def]
-    """A real 20 KiB file system (tmpfs), or a skip where mounting is not allowed."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20k", "tmpfs", str(mnt)],
+@contextlib.contextmanager
+def mounted(where: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted with `options` at `where`, or a skip where mounting is not allowed."""
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
                        capture_output=True, text=True)  # fmt: skip
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):  # type: ignore[no-untyped-def]
+    """A real 20 KiB file system (tmpfs)."""
+    with mounted(tmp_path / "tiny", "size=20k") as mnt:
+        yield mnt
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(work, tiny_disk):
@@ -111,6 +121,31 @@ def test_full_disk_is_one_line_and_leaves_nothing(work, tiny_disk):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "No space left" in r.stderr and "'out'" in r.stderr and "--out" in r.stderr
     assert list(tiny_disk.iterdir()) == []  # no partial output, no staging folder
+
+
+@pytest.mark.parametrize("kib", [24, 72, 88, 104, 120, 136])
+def test_disk_filling_at_any_file_is_one_line_and_leaves_nothing(work, tmp_path, kib):
+    """The disk fills part-way through the report, a GIF or a PNG (the whole output is
+    ~135 KiB): our one line, never libpng's "Write Error", and nothing left behind."""
+    with mounted(tmp_path / "disk", f"size={kib}k") as disk:
+        r = cfp("explain", str(work / "m.onnx"), "--clip", str(work / "clip.npy"), "--out",
+                "out", "--tubes", "strip,gif,stack", cwd=disk)  # fmt: skip
+        if r.returncode == 0:  # it fitted: then whole
+            assert (disk / "out" / "report.html").is_file(), r.stderr
+            assert len(list((disk / "out" / "tubes").iterdir())) == 6
+            return
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "No space left" in r.stderr, r.stderr
+        assert list(disk.iterdir()) == []
+
+
+def test_read_only_out_is_one_line_and_leaves_nothing(work, tmp_path):
+    with mounted(tmp_path / "ro", "size=1m,ro") as ro:
+        r = cfp("explain", str(work / "m.onnx"), "--clip", str(work / "clip.npy"), "--out",
+                str(ro / "out"), cwd=work)  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "is not writable" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and list(ro.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- never lose data
