@@ -27,6 +27,7 @@ from cfp_onnx.loading import (
     resolve_input_shape,
 )
 from cfp_onnx.modelinfo import class_names
+from cfp_onnx.modelinput import clip_path
 from cfp_onnx.ops import CONV
 from cfp_onnx.options import PyramidOptions
 from cfp_onnx.provenance import Csr, Provenance, trace
@@ -225,7 +226,7 @@ class Explainer:
 
     def prepare_clip(self, clip: Any) -> np.ndarray:
         """The clip as the model's input: batch axis added, dtype matched, values checked."""
-        arr = clip if isinstance(clip, np.ndarray) else load_array(_clip_path(clip))
+        arr = clip if isinstance(clip, np.ndarray) else load_array(clip_path(clip))
         if arr.size == 0:
             raise ClipError(f"clip is empty (shape {arr.shape})")
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
@@ -437,20 +438,10 @@ def explain(
     return explainer.explain(arr, opts, class_names=class_names(loaded))
 
 
-def _clip_path(clip: Any) -> str | os.PathLike[str]:
-    """A clip that is not an array must be a path; anything else is a user error, not a crash."""
-    if not isinstance(clip, (str, os.PathLike)):
-        raise ClipError(
-            f"clip must be a numpy array or a path to a .npy / video / frame folder "
-            f"(got {type(clip).__name__})"
-        )
-    return clip
-
-
 def _read_clip(
     clip: str | os.PathLike[str], loaded: LoadedModel, max_memory: str | int | None
 ) -> np.ndarray:
     from cfp_onnx.modelinput import ModelInput  # OpenCV only when a file clip is read
 
     limit = resources.MemoryLimit.of(max_memory)
-    return ModelInput.of(loaded).clip(_clip_path(clip), loaded, limit).tensor
+    return ModelInput.of(loaded).clip(clip, loaded, limit).tensor

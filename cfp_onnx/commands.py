@@ -27,7 +27,7 @@ from cfp_onnx.explanation import Explanation, explain
 from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
-from cfp_onnx.options import ClipOptions, PyramidOptions, ViewOptions
+from cfp_onnx.options import ClipOptions, PyramidOptions, ViewOptions, as_options
 from cfp_onnx.resources import MemoryLimit
 from cfp_onnx.video import Clip
 
@@ -81,9 +81,9 @@ def explain_to(
     folder is swapped in.
     """
     opts, copts, vopts = (
-        pyramid or PyramidOptions(),
-        clip_options or ClipOptions(),
-        view or ViewOptions(),
+        as_options(pyramid, PyramidOptions, "pyramid"),
+        as_options(clip_options, ClipOptions, "clip_options"),
+        as_options(view, ViewOptions, "view"),
     )
     protect = [
         p for p in (getattr(model, "path", model), clip) if isinstance(p, (str, os.PathLike))
@@ -252,8 +252,9 @@ def compare_to(
     in which selecting a kernel selects its counterpart."""
     from cfp_onnx import compare, report
 
-    opts, copts = pyramid or PyramidOptions(), clip_options or ClipOptions()
-    base = view or ViewOptions()
+    opts = as_options(pyramid, PyramidOptions, "pyramid")
+    copts = as_options(clip_options, ClipOptions, "clip_options")
+    base = as_options(view, ViewOptions, "view")
     view = replace(base, class_tube=base.class_tube or "weighted", tube_files=(), report=False)
     protect = [model_a, model_b, *clips]
     outputs.check_target(out, overwrite=overwrite, protect=protect)

@@ -16,7 +16,8 @@ import numpy as np
 
 from cfp_onnx import classtube
 from cfp_onnx import tubes as tubes_mod
-from cfp_onnx.options import PyramidOptions, ViewOptions
+from cfp_onnx.errors import OptionError
+from cfp_onnx.options import PyramidOptions, ViewOptions, as_options
 from cfp_onnx.pyramid import Pyramid
 from cfp_onnx.xp import to_numpy
 
@@ -135,9 +136,19 @@ def explain(
     *,
     class_names: tuple[str, ...] | None = None,
 ) -> Explanation:
-    """Explain `clip`: one forward (two with the shuffle test), then array code only."""
-    opts = options or PyramidOptions()
-    view = view or ViewOptions()
+    """Explain `clip` (a Clip, an array or a file, read through `model_input`): one forward
+    (two with the shuffle test), then array code only."""
+    from cfp_onnx.api import Explainer
+    from cfp_onnx.modelinput import ModelInput
+
+    if not isinstance(explainer, Explainer) or not isinstance(model_input, ModelInput):
+        raise OptionError(
+            "explain_clip(explainer, clip, model_input) takes a cfp_onnx.Explainer and a "
+            f"cfp_onnx.ModelInput (got {type(explainer).__name__}, {type(model_input).__name__})"
+        )
+    clip = model_input.clip(clip, explainer.loaded)
+    opts = as_options(options, PyramidOptions, "options")
+    view = as_options(view, ViewOptions, "view")
     plan = explainer.plan(opts.depth, maps=view.needs_maps)
     run = explainer.run(clip.tensor, depth=plan.depth, full=plan.full)
     pyr = explainer.pyramid(run, opts, class_names=class_names)

@@ -19,8 +19,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from cfp_onnx.errors import ClipError, ModelError, OptionError
+from cfp_onnx.errors import ClipError, ModelError
 from cfp_onnx.graph import toposort
+from cfp_onnx.options import as_path
 from cfp_onnx.wire import strip_weights
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         ModelError: missing, unreadable or malformed file, or unsafe external data.
         OptionError: `path` is not a path at all.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise OptionError(f"model must be a path to a .onnx file (got {type(path).__name__})")
-    p = Path(path)
+    p = as_path(path, "model must be a path to a .onnx file")
     if not p.is_file():
         raise ModelError(
             f"model {str(p)!r} does not exist or is not a file; pass a path to a .onnx model"

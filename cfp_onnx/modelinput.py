@@ -8,7 +8,6 @@ comes in.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from cfp_onnx.errors import CfpError, ClipError
 from cfp_onnx.loading import LoadedModel, declared_shape, graph_input
 from cfp_onnx.modelinfo import guess_layout
-from cfp_onnx.options import ClipOptions
+from cfp_onnx.options import ClipOptions, as_path
 from cfp_onnx.resources import MemoryLimit
 
 if TYPE_CHECKING:
@@ -64,7 +63,7 @@ class ModelInput:
             return source
         if isinstance(source, np.ndarray):
             return self._array_clip(source)
-        path, limit = _path(source), limit or MemoryLimit.of()
+        path, limit = clip_path(source), limit or MemoryLimit.of()
         if path.suffix.lower() in video.TENSOR_EXTENSIONS and not path.is_dir():
             return video.load_clip(path, self._npy_preprocess(), limit=limit)
         pre, sampling = self._video_preprocess(loaded), self.options.sampling
@@ -79,7 +78,7 @@ class ModelInput:
         from cfp_onnx import video
 
         pre = self._video_preprocess(loaded)
-        path, size, step = _path(source), self.options.window, self.options.stride
+        path, size, step = clip_path(source), self.options.window, self.options.stride
         count = len(video.window_spans(path, pre, size, step)[1])
         limit = limit or MemoryLimit.of()
         return count, video.iter_windows(path, pre, size, step, limit=limit)
@@ -102,11 +101,7 @@ class ModelInput:
         return Clip(tensor=tensor, frames=frames, indices=indices, source=Path("<array>"))
 
 
-def _path(source: Any) -> Path:
+def clip_path(source: Any) -> Path:
     """A clip that is not an array must be a path; anything else is a user error."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise ClipError(
-            "clip must be a numpy array or a path to a .npy / video / frame folder "
-            f"(got {type(source).__name__})"
-        )
-    return Path(source)
+    what = "clip must be a numpy array or a path to a .npy / video / frame folder"
+    return as_path(source, what, ClipError)

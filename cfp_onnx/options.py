@@ -12,12 +12,14 @@ an option object that exists is valid.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from cfp_onnx.errors import OptionError
+from cfp_onnx.errors import CfpError, OptionError
 
 if TYPE_CHECKING:
     from cfp_onnx.loading import LoadedModel
@@ -30,6 +32,29 @@ TUBE_FILES = ("strip", "gif", "stack")
 CLASS_TUBES = ("weighted", "contrast")
 LAYOUTS = ("NCDHW", "NDHWC")
 SAMPLINGS = ("uniform", "strided")
+
+
+_O = TypeVar("_O")
+
+
+def as_path(value: Any, what: str, error: type[CfpError] = OptionError) -> Path:
+    """`value` as a Path: from Python, anything but a str or os.PathLike is a user error
+    (``"{what} must be ..."``), not a TypeError from deep inside."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise error(f"{what} (got {type(value).__name__})")
+
+
+def as_options(value: _O | None, cls: type[_O], name: str) -> _O:
+    """`value`, or the defaults for None; anything but a `cls` is an OptionError."""
+    if value is None:
+        return cls()
+    if not isinstance(value, cls):
+        raise OptionError(
+            f"{name} must be a cfp_onnx.options.{cls.__name__} (got {type(value).__name__}); "
+            f"build one with {cls.__name__}(...)"
+        )
+    return value
 
 
 def _is_int(v: Any) -> bool:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cfp_onnx.errors import OutputError
+from cfp_onnx.options import as_path
 
 if TYPE_CHECKING:
     from cfp_onnx.explanation import Explanation
@@ -54,8 +55,9 @@ def check_target(
 
     Raises:
         OutputError: any of the above, or a missing or unwritable parent.
+        OptionError: `path` is not a path.
     """
-    p = Path(path)
+    p = as_path(path, "out must be a path to a folder")
     dest = guard(p, protect)
     parent = dest.parent
     if not parent.is_dir():

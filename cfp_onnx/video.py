@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from cfp_onnx.errors import ClipError, OptionError, OutputError
-from cfp_onnx.options import LAYOUTS, SAMPLINGS
+from cfp_onnx.options import LAYOUTS, SAMPLINGS, as_path
 from cfp_onnx.outputs import permissions
 from cfp_onnx.resources import CLIP_BYTES_PER_VALUE, MemoryLimit
 
@@ -632,7 +632,7 @@ def load_clip(
         ClipError: the input is unreadable, too short (without ``loop``), or a bad tensor.
         ResourceError: the clip would not fit in `limit`.
     """
-    p = Path(path)
+    p = as_path(path, "clip must be a path to a .npy / video / frame folder", ClipError)
     if p.suffix.lower() in TENSOR_EXTENSIONS and not p.is_dir():
         _check_path(p)
         return _load_tensor(p, preprocess, limit)

@@ -182,3 +182,34 @@ def test_external_data_missing_or_short(work, refused):
     refused("explain", "e.onnx", "--clip", "g.npy", "--out", "out", fragments=("is too short",))
     (work / "weights.bin").unlink()
     refused("explain", "e.onnx", "--clip", "g.npy", "--out", "out", fragments=("is missing",))
+
+
+METADATA = [
+    ("class_names", '"abc"', "must be a list of strings"),
+    ("class_names", "[1, 2, 3]", "got an item 1"),
+    ("mean", '["a", 1, 2]', "must be a list of numbers"),
+    ("mean", "[NaN, 1, 1]", "must be finite"),
+    ("std", "[0, 1, 1]", "std must be positive"),
+    ("frames", '"8"', "frames must be a positive integer"),
+    ("frames", "true", "frames must be a positive integer"),
+    ("size", "5", "size must be a list of two integers"),
+    ("layout", "[1]", "is not one of NCDHW, NDHWC"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), METADATA)
+def test_malformed_metadata_is_a_model_error_naming_the_key(work, refused, key, value, fragment):
+    """A hand-edited or foreign ``cfp.`` value: one line naming the key, never a traceback
+    from deep in preprocessing."""
+    import onnx
+
+    from cfp_onnx.video import write_video
+
+    m = onnx.load(str(work / "m.onnx"))
+    onnx.helper.set_model_props(m, {f"cfp.{key}": value})
+    onnx.save(m, str(work / "meta.onnx"))
+    write_video(work / "v.mp4", np.zeros((12, 32, 32, 3), np.uint8))
+    refused("explain", "meta.onnx", "--clip", "v.mp4", "--out", "out",
+            fragments=(f"model metadata 'cfp.{key}'", fragment))  # fmt: skip
+    with pytest.raises(ModelError, match=f"cfp.{key}"):
+        cfp_onnx.explain(work / "meta.onnx", work / "v.mp4")
