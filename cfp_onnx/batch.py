@@ -3,8 +3,10 @@
 The output folder is the run's state, so a run can be stopped and resumed:
 
 - ``clips/<clip-id>/`` holds ``pyramid.json`` (SPEC §5) and ``clip.json`` (source,
-  predicted and true label); each folder appears whole (staged, then renamed), and a
-  clip whose folder exists is done: a re-run skips it.
+  predicted and true label, and the size and sha256 of its ``pyramid.json``); each
+  folder appears whole (staged, then renamed), and a clip whose files are intact is done:
+  a re-run skips it. A damaged clip (a file missing, truncated or changed since) is
+  redone: by size when the run starts, by hash when the summary reads it.
 - ``classes/<label>/`` holds ``class_pyramid.json`` and ``report.html``: for each kernel,
   the share of the class's clips whose pyramid holds it, its mean relevance over
   those clips and its smallest depth.
@@ -19,6 +21,7 @@ whichever engine computed the clips.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -263,17 +266,26 @@ def clip_dir(out: Path, cid: str) -> Path:
 
 
 def is_done(out: Path, cid: str) -> bool:
-    """A clip is done when its folder exists: folders appear whole (staged, then renamed)."""
-    return (clip_dir(out, cid) / "pyramid.json").is_file()
+    """A clip is done when its folder holds a readable ``clip.json`` and a ``pyramid.json`` of
+    the size it records (folders appear whole: staged, then renamed). A cheap check, by
+    ``stat``; ``read_clip`` checks the hash."""
+    folder = clip_dir(out, cid)
+    try:
+        meta = json.loads((folder / "clip.json").read_bytes())
+        return bool((folder / "pyramid.json").stat().st_size == meta["pyramid_bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def write_clip(out: Path, result: ClipResult) -> None:
     """Write one clip's folder atomically."""
     with staged_dir(clip_dir(out, result.id), overwrite=True, mark={"clip": result.id}) as tmp:
-        (tmp / "pyramid.json").write_text(result.pyramid_json)
+        data = result.pyramid_json.encode()
+        (tmp / "pyramid.json").write_bytes(data)
         meta = {
             "clip": result.id, "source": result.source, "predicted": result.predicted,
-            "true_label": result.true_label,
+            "true_label": result.true_label, "pyramid_bytes": len(data),
+            "pyramid_sha256": hashlib.sha256(data).hexdigest(),
         }  # fmt: skip
         (tmp / "clip.json").write_text(json.dumps(meta))
 
@@ -434,10 +446,18 @@ def summary_row(meta: dict[str, Any], pyramid: dict[str, Any], depth: int) -> li
     ]  # fmt: skip
 
 
-def read_clip(out: Path, cid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_clip(out: Path, cid: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A finished clip's metadata and pyramid, or None when its files are damaged (not
+    the bytes ``clip.json`` recorded, or unreadable)."""
     folder = clip_dir(out, cid)
-    meta = json.loads((folder / "clip.json").read_text())
-    return meta, json.loads((folder / "pyramid.json").read_text())
+    try:
+        meta = json.loads((folder / "clip.json").read_bytes())
+        data = (folder / "pyramid.json").read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["pyramid_sha256"]:
+            return None
+        return meta, json.loads(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def finalize(
@@ -448,18 +468,26 @@ def finalize(
     options: BatchOptions,
     model: str,
     names: Sequence[str] | None,
-) -> tuple[int, ...]:
-    """Rebuild summary.csv and classes/ from the per-clip files, streaming in task order."""
+) -> tuple[int, ...] | list[ClipTask]:
+    """Rebuild summary.csv and classes/ from the per-clip files, streaming in task order;
+    returns the classes seen, or, writing nothing, the finished clips found damaged."""
     aggs = Aggregates(space)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(summary_header(options.depth))
+    damaged = []
     for task in tasks:
         if not is_done(out, task.id):
             continue
-        meta, pyr = read_clip(out, task.id)
+        found = read_clip(out, task.id)
+        if found is None:
+            damaged.append(task)
+            continue
+        meta, pyr = found
         writer.writerow(summary_row(meta, pyr, options.depth))
         aggs.add(pyr)
+    if damaged:
+        return damaged
     write_file(out / "summary.csv", lambda p: p.write_text(text.getvalue()), overwrite=True)
     write_classes(out, aggs, options=options, model=model, names=names)
     return tuple(sorted(aggs.classes))
@@ -554,6 +582,41 @@ def run_batch(
     _check_labels(spec.options, tasks, ex.classes)
     prepare_out(out, manifest(spec, ex), overwrite=overwrite)
     todo = [t for t in tasks if not is_done(out, t.id)]
+    damaged = [t for t in tasks if not is_done(out, t.id) and clip_dir(out, t.id).exists()]
+    if damaged:
+        log.warning("%d finished clips are damaged and will be redone", len(damaged))
+    failed = _explain_into(out, spec, todo, engine, first, progress)
+
+    def final() -> tuple[int, ...] | list[ClipTask]:
+        space, names = ex.provenance.space, first.names
+        return finalize(out, tasks, space, options=spec.options, model=ex.model_name, names=names)
+
+    classes = final()
+    if isinstance(classes, list):  # changed since the run started: redo them, once
+        log.warning("%d finished clips are damaged and will be redone", len(classes))
+        failed += _explain_into(out, spec, classes, engine, first, progress)
+        todo += classes
+        classes = final()
+        if isinstance(classes, list):
+            raise OutputError(
+                f"clips keep changing under {str(out)!r} while cfp batch runs (e.g. "
+                f"{classes[0].id!r}); stop whatever writes there, then run again"
+            )
+    return BatchSummary(
+        len(todo) - len(failed), len(tasks) - len(todo), tuple(failed), len(tasks), classes,
+        out / "summary.csv",
+    )  # fmt: skip
+
+
+def _explain_into(
+    out: Path,
+    spec: WorkerSpec,
+    todo: list[ClipTask],
+    engine: Any,
+    first: ClipWorker,
+    progress: Callable[[int], Any] | None,
+) -> list[ClipFailure]:
+    """Explain `todo` through `engine`, writing each clip as it comes; returns the failures."""
     bar = progress(len(todo)) if progress else None
     failed = []
     for outcome in engine.results(spec, todo, first):
@@ -566,18 +629,7 @@ def run_batch(
             bar.update(1)
     if bar is not None and hasattr(bar, "close"):
         bar.close()
-    classes = finalize(
-        out,
-        tasks,
-        ex.provenance.space,
-        options=spec.options,
-        model=ex.model_name,
-        names=first.names,
-    )
-    return BatchSummary(
-        len(todo) - len(failed), len(tasks) - len(todo), tuple(failed), len(tasks), classes,
-        out / "summary.csv",
-    )  # fmt: skip
+    return failed
 
 
 def manifest(spec: WorkerSpec, ex: Explainer) -> dict[str, Any]:

@@ -223,6 +223,29 @@ def test_resume_skips_done_clips_and_equals_one_run(
     assert tree(out) == tree(reference)
 
 
+def test_damaged_clips_are_redone_and_the_result_equals_one_run(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Truncated, emptied, deleted or edited (same size) per-clip files are found and redone:
+    by size when the run starts, by hash when the summary reads them. The rest stay."""
+    out = tmp_path / "out"
+    tasks = tasks_from(data / "clips")
+    run_batch(spec(data), tasks, out, engine=LocalEngine())
+    clips = out / "clips"
+    kept = (clips / "clip_9" / "pyramid.json").stat().st_mtime_ns
+    body = (clips / "clip_1" / "pyramid.json").read_bytes()
+    (clips / "clip_1" / "pyramid.json").write_bytes(body[: len(body) // 2])  # truncated
+    (clips / "clip_2" / "pyramid.json").write_bytes(b"")  # emptied
+    (clips / "clip_3" / "clip.json").unlink()  # lost
+    edited = bytearray((clips / "clip_4" / "pyramid.json").read_bytes())
+    edited[-3] = ord("7") if edited[-3] != ord("7") else ord("8")  # same size, other bytes
+    (clips / "clip_4" / "pyramid.json").write_bytes(bytes(edited))
+    again = run_batch(spec(data), tasks, out, engine=LocalEngine())
+    assert (again.done, again.skipped) == (4, len(tasks) - 4)
+    assert (clips / "clip_9" / "pyramid.json").stat().st_mtime_ns == kept
+    assert tree(out) == tree(reference)
+
+
 def test_other_options_refuse_to_resume(data: Path, tmp_path: Path) -> None:
     tasks = tasks_from(data / "clips")[:2]
     run_batch(spec(data), tasks, tmp_path / "o", engine=LocalEngine())

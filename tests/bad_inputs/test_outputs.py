@@ -238,3 +238,27 @@ def test_outputs_respect_the_umask(work):
     os.umask(mask)
     assert (work / "out").stat().st_mode & 0o777 == 0o777 & ~mask
     assert (work / "out" / "pyramid.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_batch_redoes_a_truncated_clip_of_a_finished_run(work):
+    """The console script on a batch whose finished clip was truncated since: it is redone
+    (one warning line), and the folder ends as a clean run's."""
+    clips = work / "clips"
+    clips.mkdir()
+    for i in range(3):
+        (clips / f"c{i}.npy").write_bytes((work / "clip.npy").read_bytes())
+    args = ("batch", "m.onnx", "--clips", "clips", "--no-progress")
+    assert cfp(*args, "--out", "out", cwd=work).returncode == 0
+    assert cfp(*args, "--out", "clean", cwd=work).returncode == 0
+    pyr = work / "out" / "clips" / "c1" / "pyramid.json"
+    pyr.write_bytes(pyr.read_bytes()[:10])
+    r = cfp(*args, "--out", "out", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "WARNING cfp_onnx.batch: 1 finished clips are damaged and will be redone"
+    ]
+    assert "1 clips explained, 2 already done" in r.stdout
+    strip = {"batch.json", ".cfp-output.json"}  # they name the --out folder
+    assert {k: v for k, v in tree(work / "out").items() if Path(k).name not in strip} == {
+        k: v for k, v in tree(work / "clean").items() if Path(k).name not in strip
+    }
