@@ -192,7 +192,7 @@ def _import_ray() -> Any:
         import ray
     except ImportError:
         raise OptionError(
-            "--engine ray needs Ray: pip install 'cfp_onnx[ray]' (or pip install 'ray>=2.9')"
+            "--engine ray needs Ray, which is not installed: pip install 'cfp_onnx[ray]'"
         ) from None
     return ray
 
@@ -209,5 +209,6 @@ def make_engine(
             raise OptionError("--address needs --engine ray")
         return LocalEngine()
     if name == "ray":
+        _import_ray()  # not installed: say so before any clip is decoded
         return RayEngine(address=address, workers=workers)
     raise OptionError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

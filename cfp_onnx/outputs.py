@@ -64,7 +64,9 @@ def check_target(
         raise OutputError(f"cannot write {str(p)!r}: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {str(p)!r}: folder {str(parent)!r} is not writable")
-    if dest.exists() or p.is_symlink():
+    # A link to a path not made yet is followed (``ln -s /mnt/big/results out``); a link
+    # that leads nowhere (a loop) exists in its own right and is not written through.
+    if os.path.lexists(dest):
         if dest.is_dir() and not any(dest.iterdir()):
             return dest  # empty: not an output, written into
         if not overwrite:
@@ -136,8 +138,9 @@ def staged_dir(
     still be cfp's. Staging folders of killed runs (their process gone) are removed first.
     """
     dest = check_target(target, overwrite=overwrite, protect=protect)
-    if dest.exists() and not dest.is_dir():
-        raise OutputError(f"output {str(target)!r} is a file, not a folder; choose another --out")
+    if os.path.lexists(dest) and not dest.is_dir():
+        what = "a link that leads nowhere" if dest.is_symlink() else "a file"
+        raise OutputError(f"output {str(target)!r} is {what}, not a folder; choose another --out")
     clean_stale(dest)
     tmp = Path(
         tempfile.mkdtemp(prefix=f".{dest.name}.cfp{os.getpid()}.", suffix=".tmp", dir=dest.parent)
@@ -230,7 +233,7 @@ def _deferred_signals() -> Iterator[None]:
 def _swap_in(tmp: Path, dest: Path, shown: str, overwrite: bool) -> None:
     """Rename `tmp` onto `dest` without ever replacing another run's result."""
     if overwrite and dest.is_dir() and any(dest.iterdir()):  # checked: cfp's own output
-        if not (dest / MARKER).is_file():
+        if dest.is_dir() and not (dest / MARKER).is_file():
             raise OutputError(f"{shown!r} was filled by files cfp did not write; kept them")
         old = dest.with_name(f".{dest.name}.cfp{os.getpid()}.x.old")
         os.rename(dest, old)

@@ -104,4 +104,4 @@ def run(args: argparse.Namespace) -> int:
 def _bar(total: int) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="clip", desc="cfp batch", file=sys.stderr)
+    return tqdm(total=total, unit="clip", desc="cfp batch", file=sys.stderr, disable=None)

@@ -21,6 +21,15 @@ from cfp_onnx import __version__
 from cfp_onnx.errors import CfpError
 
 SUBCOMMANDS = ("explain", "inspect", "export", "compare", "demo", "batch")
+INSTALL = {
+    "onnxruntime": "pip install 'cfp_onnx[cpu]' (or 'cfp_onnx[gpu]' on a CUDA machine)",
+    "torch": "pip install 'cfp_onnx[torch]'",
+    "onnxscript": "pip install 'cfp_onnx[torch]'",
+    "tensorflow": "pip install 'cfp_onnx[tf]'",
+    "tf2onnx": "pip install 'cfp_onnx[tf]'",
+    "ray": "pip install 'cfp_onnx[ray]'",
+}
+"""What to install for a package that lives in an extra, for the one-line error."""
 
 
 def _modules() -> dict[str, ModuleType]:
@@ -63,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda signum, frame: pending.append(signum))
     try:
         parser = build_parser()
+    except ModuleNotFoundError as exc:
+        return _missing(exc, "cfp")
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -82,11 +93,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cfp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        return _missing(exc, f"cfp {args.command}")
     except BrokenPipeError:  # `cfp inspect m.onnx | head`: the reader left; exit quietly
         with contextlib.suppress(OSError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
         return 0
+
+
+def _missing(exc: ModuleNotFoundError, prog: str) -> int:
+    """An extra that is not installed is the user's to fix: one line, exit 2. Any other
+    missing module is a broken install (a bug): the traceback stays."""
+    top = (exc.name or "").split(".")[0]
+    if top not in INSTALL:
+        raise exc
+    print(f"{prog}: error: {top} is not installed; {INSTALL[top]}", file=sys.stderr)
+    return 2
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

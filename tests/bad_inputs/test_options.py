@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from cfp_onnx import outputs
 from cfp_onnx.api import Explainer
 from cfp_onnx.errors import OptionError, OutputError
+from tests.bad_inputs.conftest import assert_one_line_error, snapshot
 from tests.handmade import color_model
 
 OPTIONS = [
@@ -142,3 +145,27 @@ def test_a_huge_depth_ends_where_the_network_does(work):
             "--theta", "0", cwd=work, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "ran out of layers" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("blocked", "argv", "fragment"),
+    [
+        ("onnxruntime", ["explain", "m.onnx", "--clip", "clip.npy", "--out", "out"], "[cpu]"),
+        ("onnxruntime", ["export", "tf", "m.keras", "-o", "x.onnx"], "[cpu]"),
+        ("ray", ["batch", "m.onnx", "--clips", ".", "--out", "b", "--engine", "ray"], "[ray]"),
+    ],
+    ids=["explain-no-runtime", "export-no-runtime", "batch-no-ray"],
+)
+def test_a_missing_extra_is_one_line_naming_it(work, blocked, argv, fragment):
+    """Installed without an extra (``pip install -e '.[tf]'``): the one line says which to
+    install. The module is hidden from a real interpreter running cfp's own main()."""
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        "from cfp_onnx.cli.main import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    before = snapshot(work)
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert_one_line_error(r, blocked, "is not installed", fragment)
+    assert snapshot(work) == before

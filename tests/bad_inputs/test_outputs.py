@@ -262,3 +262,33 @@ def test_batch_redoes_a_truncated_clip_of_a_finished_run(work):
     assert {k: v for k, v in tree(work / "out").items() if Path(k).name not in strip} == {
         k: v for k, v in tree(work / "clean").items() if Path(k).name not in strip
     }
+
+
+def test_symlinked_out_onto_another_file_system(work, tmp_path):
+    """``--out`` a link into another file system (EXDEV for any rename across): staged
+    beside the link's target, swapped there, the link kept; the old result replaced whole."""
+    with mounted(tmp_path / "other", "size=4m") as other:
+        (work / "link").symlink_to(other / "results")
+        first = cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", "link", cwd=work)
+        assert first.returncode == 0, first.stderr
+        r = cfp("explain", "m.onnx", "--clip", "clip.npy", "--out", "link", "--overwrite",
+                "--theta", "0.2", cwd=work)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert (work / "link").is_symlink()
+        assert '"theta": 0.2' in (other / "results" / "pyramid.json").read_text()
+        assert sorted(p.name for p in other.iterdir()) == ["results"]  # no staging left
+        assert sorted(p.name for p in work.iterdir()) == ["clip.npy", "link", "m.onnx", "other"]
+
+
+@pytest.mark.parametrize("kind", ["file", "loop"])
+def test_out_that_is_not_a_folder_is_refused_even_with_overwrite(work, refused, kind):
+    out = work / "out"
+    if kind == "file":
+        out.write_text("a user's notes")
+    else:
+        out.symlink_to("out")  # a link to itself
+    refused("explain", "m.onnx", "--clip", "clip.npy", "--out", "out",
+            fragments=("already exists",))  # fmt: skip
+    refused("explain", "m.onnx", "--clip", "clip.npy", "--out", "out", "--overwrite",
+            fragments=("not a folder",))  # fmt: skip
+    assert out.is_symlink() if kind == "loop" else out.read_text() == "a user's notes"
