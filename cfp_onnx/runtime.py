@@ -12,6 +12,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+# onnxruntime writes a telemetry device id under $HOME when it is imported, and where HOME
+# is not writable says so on stderr, before any logger setting can apply: opt out first.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
 from cfp_onnx.errors import ModelError, OptionError

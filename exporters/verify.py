@@ -84,7 +84,7 @@ def seeded_clip(shape: Sequence[int], seed: int) -> np.ndarray:
 
 def run_onnx(path: str | os.PathLike[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Run the model on CPU with few threads (exports are checked on shared machines)."""
-    import onnxruntime as ort
+    from cfp_onnx.runtime import ort  # telemetry and logs quiet, as in the analyzer
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_inputs.conftest import CFP, INTERRUPTED, cfp, snapshot
+from tests.bad_inputs.conftest import CFP, INTERRUPTED, assert_one_line_error, cfp, snapshot
 
 
 def _start(work: Path, *extra: str) -> subprocess.Popen[str]:
@@ -292,3 +292,33 @@ def test_out_that_is_not_a_folder_is_refused_even_with_overwrite(work, refused, 
     refused("explain", "m.onnx", "--clip", "clip.npy", "--out", "out", "--overwrite",
             fragments=("not a folder",))  # fmt: skip
     assert out.is_symlink() if kind == "loop" else out.read_text() == "a user's notes"
+
+
+def test_unwritable_out_for_a_user_is_one_line(work):
+    """EACCES, as a real unprivileged user (root writes anywhere): run cfp as `nobody`
+    through setpriv on a model and clip it can read, with --out in a folder it can't write."""
+    import shutil
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run cfp as an unprivileged user")
+    shared = Path(tempfile.mkdtemp(prefix="cfp-eacces-"))
+    try:
+        shared.chmod(0o755)
+        for name in ("m.onnx", "clip.npy"):
+            shutil.copy(work / name, shared / name)
+            (shared / name).chmod(0o644)
+        (shared / "locked").mkdir(mode=0o755)  # root's: read-only for nobody
+        r = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", CFP, "explain",
+             "m.onnx", "--clip", "clip.npy", "--out", "locked/out"],
+            cwd=shared, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if "Permission denied" in r.stderr and "cfp" not in r.stderr:
+            pytest.skip(f"nobody cannot run this interpreter here ({r.stderr.strip()})")
+        # one line: also no onnxruntime telemetry warning about an unwritable HOME
+        assert_one_line_error(r, "cannot write 'locked/out'", "locked' is not writable")
+        assert list((shared / "locked").iterdir()) == []
+    finally:
+        shutil.rmtree(shared)
