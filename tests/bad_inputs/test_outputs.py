@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.bad_inputs.conftest import CFP, INTERRUPTED, assert_one_line_error, cfp, snapshot
@@ -322,3 +323,40 @@ def test_unwritable_out_for_a_user_is_one_line(work):
         assert list((shared / "locked").iterdir()) == []
     finally:
         shutil.rmtree(shared)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", "m.onnx", "m.onnx", "--clip", "clip.npy", "--out", "out"],
+        ["demo", "--out", "out"],
+        ["explain", "m.onnx", "--clip", "clip.npy", "--out", "out", "--window", "8"],
+    ],
+    ids=["compare", "demo", "explain-window"],
+)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_every_command_interrupted_mid_write_exits_130_leaving_nothing(work, argv, sig):
+    """Not only explain: compare, demo and windows too, signalled while their output is
+    staged (held there by the CFP_TEST_SLOW_WRITE hook)."""
+    if "--window" in argv:
+        from cfp_onnx.video import write_video
+
+        frames = np.random.default_rng(0).integers(0, 255, (24, 32, 32, 3), np.uint8)
+        write_video(work / "v.mp4", frames)
+        argv = [a if a != "clip.npy" else "v.mp4" for a in argv]
+    before = snapshot(work)
+    proc = subprocess.Popen(
+        [CFP, *argv], cwd=work, env={**os.environ, "CFP_TEST_SLOW_WRITE": "30"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(any(p.iterdir()) for p in work.glob(".out.*.tmp")):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the write
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == INTERRUPTED, err
+    assert err.strip().splitlines() == [f"cfp {argv[0]}: interrupted"], err
+    assert snapshot(work) == before
