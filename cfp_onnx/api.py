@@ -318,30 +318,10 @@ class Explainer:
                 "needs its own run"
             )
         label = self.check_label(opts.label, run.logits)
-        cols = build(
-            self.xp, self._inputs(run), label=label, depth=opts.depth, theta=opts.theta,
-            top_n=opts.top_n, head_mode=opts.head_mode,
+        return build(
+            self.xp, self._inputs(run), opts, label=label, model=self.model_name,
+            logits=run.logits, label_name=class_names[label] if class_names else None,
         )  # fmt: skip
-        kids = cols.pop("kernels")
-        space = self.provenance.space
-        layer, channel = space.split(kids)
-        depths = cols["node_depth"]
-        return Pyramid(
-            model=self.model_name,
-            label=label,
-            label_name=class_names[label] if class_names else None,
-            score=float(run.logits[label]),
-            logits=run.logits,
-            theta=float(opts.theta),
-            depth=int(opts.depth),
-            max_depth_reached=int(depths.max()) if len(depths) else -1,
-            head_mode=opts.head_mode,
-            top_n=opts.top_n,
-            layers=space.layers,
-            node_layer=layer,
-            node_channel=channel,
-            **cols,
-        )
 
     def options(self, options: PyramidOptions | None, kw: dict[str, Any]) -> PyramidOptions:
         """`options` or one built from keywords, checked against this model."""
@@ -367,7 +347,7 @@ class Explainer:
         xp = self.xp
         csr = self.head_csr
         return PyramidInputs(
-            offsets=self.provenance.offsets,
+            space=self.provenance.space,
             head_weight=xp.asarray(self.head.weight),
             head_normalised=self.head_normalised,
             head_indptr=xp.asarray(csr.indptr),

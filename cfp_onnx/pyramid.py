@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, partial
 from types import ModuleType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -34,6 +34,10 @@ from cfp_onnx.relevance import (
 )
 from cfp_onnx.xp import to_numpy
 
+if TYPE_CHECKING:
+    from cfp_onnx.options import PyramidOptions
+    from cfp_onnx.provenance import KernelSpace
+
 
 @dataclass(frozen=True)
 class Pyramid:
@@ -49,7 +53,7 @@ class Pyramid:
     max_depth_reached: int
     head_mode: str
     top_n: int | None
-    layers: tuple[str, ...]  # layer names, topological order
+    space: KernelSpace  # the layers (topological order) and their kernel ids
     node_layer: np.ndarray  # index into `layers`
     node_channel: np.ndarray
     node_depth: np.ndarray
@@ -57,6 +61,11 @@ class Pyramid:
     node_of: np.ndarray  # kernel id -> node id (-1: not in the pyramid)
     blocks: tuple[LinkBlock, ...]  # the back-steps, factored
     head_best: float  # largest normalised head score (for the empty-pyramid message)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Layer names, topological order (``node_layer`` indexes them)."""
+        return self.space.layers
 
     @cached_property
     def _links(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -329,7 +338,7 @@ class LayerStep:
 class PyramidInputs:
     """Everything `build` reads, already on the backend (NumPy or CuPy)."""
 
-    offsets: np.ndarray  # kernel id space of the layers
+    space: KernelSpace  # kernel ids of the layers
     head_weight: Array  # [classes, F] float64
     head_normalised: Array | None  # minmax of head_weight over the whole matrix, if kept
     head_indptr: Array
@@ -342,21 +351,25 @@ class PyramidInputs:
 def build(
     xp: ModuleType,
     inp: PyramidInputs,
+    options: PyramidOptions,
     *,
     label: int,
-    depth: int,
-    theta: float,
-    top_n: int | None,
-    head_mode: str,
-) -> dict[str, Any]:
-    """Head, then one back-step per depth level; returns the columns of a Pyramid.
+    model: str,
+    logits: np.ndarray,
+    label_name: str | None = None,
+) -> Pyramid:
+    """Head, then one back-step per depth level, for class `label` of a run whose
+    `logits` are given.
 
     Node sets and relevances come from per-channel maxima (a kernel's relevance is the
     largest r' over the channels that carry it), so the cost grows with kernels and
     channels, not with the number of links.
     """
-    n_kernels = int(inp.offsets[-1])
-    offsets = xp.asarray(inp.offsets)
+    depth, theta, top_n, head_mode = (
+        options.depth, options.theta, options.top_n, options.head_mode,
+    )  # fmt: skip
+    n_kernels = inp.space.size
+    offsets = xp.asarray(inp.space.offsets)
     scores = head_scores(xp, inp.head_weight, inp.features, label, head_mode, inp.head_normalised)
     kept_f = xp.flatnonzero(select(xp, scores[None, :], theta, top_n)[0])
     entry, kid = expand_csr(xp, inp.head_indptr, inp.head_kernels, kept_f)
@@ -380,14 +393,28 @@ def build(
     kids = kids[order]
     node_of = xp.full(n_kernels, -1, dtype=xp.int64)
     node_of[kids] = xp.arange(len(kids))
-    return {
-        "kernels": to_numpy(kids),
-        "node_depth": to_numpy(depth_of[kids]),
-        "node_relevance": to_numpy(relevance[kids]),
-        "node_of": to_numpy(node_of),
-        "blocks": tuple(blocks),
-        "head_best": float(scores.max()),
-    }
+    layer, channel = inp.space.split(to_numpy(kids))
+    depths = to_numpy(depth_of[kids])
+    return Pyramid(
+        model=model,
+        label=label,
+        label_name=label_name,
+        score=float(logits[label]),
+        logits=logits,
+        theta=float(theta),
+        depth=int(depth),
+        max_depth_reached=int(depths.max()) if len(depths) else -1,
+        head_mode=head_mode,
+        top_n=top_n,
+        space=inp.space,
+        node_layer=layer,
+        node_channel=channel,
+        node_depth=depths,
+        node_relevance=to_numpy(relevance[kids]),
+        node_of=to_numpy(node_of),
+        blocks=tuple(blocks),
+        head_best=float(scores.max()),
+    )
 
 
 @lru_cache(maxsize=1)
