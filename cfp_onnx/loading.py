@@ -39,6 +39,10 @@ class ExternalTensor:
     shape: tuple[int, ...]
     location: str  # as the model names it, relative to the model's folder
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
     def read(self) -> np.ndarray:
         count = int(np.prod(self.shape)) if self.shape else 1
         data = np.fromfile(self.file, dtype=self.dtype, count=count, offset=self.offset)
@@ -106,7 +110,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         toposort(proto.graph)  # names a cycle or a dangling input; the checker only says "unsorted"
     except ModelError as exc:
         raise ModelError(f"{p.name}: {exc}") from None
-    external = _locate_external_data(proto, p, set(own))
+    external = _inline_small(proto, _locate_external_data(proto, p, set(own)))
     try:
         onnx.checker.check_model(_checkable(proto))
     except Exception as exc:
@@ -184,6 +188,26 @@ def _locate_external_data(
             raise ModelError(f"external data file {loc!r} is too short for initializer {t.name!r}")
         out[t.name] = ExternalTensor(target, offset, dtype, shape, loc)
     return out
+
+
+SMALL_CONSTANT_BYTES = 1 << 16
+"""External tensors up to this size are read into the proto when the model is loaded:
+shape and axes constants (of a Reshape, Squeeze, Slice, ...) saved with
+``size_threshold=0`` must be seen by folding, shape inference and onnxruntime's own
+checks, which cannot read external data. Weights stay on disk."""
+
+
+def _inline_small(
+    proto: onnx.ModelProto, external: dict[str, ExternalTensor]
+) -> dict[str, ExternalTensor]:
+    """Read external tensors of at most SMALL_CONSTANT_BYTES inline (already confined to
+    the model's folder and checked for size); returns the ones left on disk."""
+    for t in proto.graph.initializer:
+        ext = external.get(t.name)
+        if ext is not None and ext.nbytes <= SMALL_CONSTANT_BYTES:
+            t.CopyFrom(numpy_helper.from_array(ext.read(), t.name))
+            del external[t.name]
+    return external
 
 
 def _check_dims(proto: onnx.ModelProto, name: str) -> None:
@@ -264,8 +288,9 @@ def analysis_proto(loaded: LoadedModel, input_shape: tuple[int, ...]) -> onnx.Mo
     """A static, folded, shape-inferred copy of the model for the graph parser."""
     proto = onnx.ModelProto()
     proto.CopyFrom(loaded.proto)
+    inline = _foldable_inputs(proto, loaded.external)
     for t in proto.graph.initializer:
-        if t.name in _foldable_inputs(proto, loaded.external):
+        if t.name in inline:
             t.CopyFrom(numpy_helper.from_array(loaded.external[t.name].read(), t.name))
     vi = graph_input(proto)
     shape = vi.type.tensor_type.shape

@@ -40,6 +40,30 @@ def test_external_data_model_explains_like_embedded(exported, tmp_path):
     np.testing.assert_array_equal(a.link_relevance, b.link_relevance)
 
 
+def test_fully_external_shape_constants_are_read_and_weights_stay_on_disk(tmp_path):
+    """``size_threshold=0`` puts the Reshape / Unsqueeze / Squeeze shapes in the weight file
+    too: they are read (small), the 221 KB conv weight is not, and the pyramid is the
+    inline model's."""
+    from tests.graphs import G
+
+    g = G()
+    y = g.relu(g.conv(g.relu(g.conv("video", 3, 32)), 32, 64))
+    p = g.op("GlobalAveragePool", y)
+    r = g.op("Reshape", p, g.const(np.array([1, 64], np.int64), np.int64))
+    u = g.op("Unsqueeze", r, g.const(np.array([2], np.int64), np.int64))
+    s = g.op("Squeeze", u, g.const(np.array([2], np.int64), np.int64))
+    path = g.save(tmp_path / "m.onnx", [g.gemm(s, 64, 3)])
+    ext = _external_copy(path, tmp_path / "ext")
+    loaded = load_model(ext)
+    big = {n for n, e in loaded.external.items() if e.nbytes > 1 << 16}
+    assert big and set(loaded.external) == big  # only the large weight stays on disk
+    clip = np.random.default_rng(0).standard_normal((1, 3, 4, 8, 8)).astype(np.float32)
+    a = Explainer(path, clip_shape=clip.shape).explain(clip, theta=0.3)
+    b = Explainer(ext, clip_shape=clip.shape).explain(clip, theta=0.3)
+    assert len(a.link_target) > 0
+    assert {**a.to_dict(), "model": ""} == {**b.to_dict(), "model": ""}
+
+
 @pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "sub/../../x.bin"])
 def test_external_data_outside_the_folder_is_refused(exported, tmp_path, location):
     _, path = exported("plain")

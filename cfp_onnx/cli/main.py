@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn, TextIO
 
 from cfp_onnx import __version__
 from cfp_onnx.errors import CfpError
@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cfp: interrupted", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
+    sys.stdout = _Stdout(sys.stdout)  # type: ignore[assignment]
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(
         level=logging.ERROR if args.quiet else level, format="%(levelname)s %(name)s: %(message)s"
@@ -100,6 +101,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
         return 0
+
+
+class _Stdout:
+    """stdout whose reader may leave (``cfp explain ... | head -1``): later writes go to
+    /dev/null and the run goes on, so its results are still written; a BrokenPipeError
+    would have discarded them behind a quiet exit 0."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream, self._gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._leave()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._leave()
+
+    def _leave(self) -> None:
+        self._gone = True
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # no second error when Python exits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _missing(exc: ModuleNotFoundError, prog: str) -> int:

@@ -360,3 +360,17 @@ def test_every_command_interrupted_mid_write_exits_130_leaving_nothing(work, arg
     assert proc.returncode == INTERRUPTED, err
     assert err.strip().splitlines() == [f"cfp {argv[0]}: interrupted"], err
     assert snapshot(work) == before
+
+
+def test_a_reader_that_leaves_does_not_discard_the_results(work):
+    """``cfp explain ... | head -1``: stdout's reader goes after one line; the run still
+    writes its whole output and exits 0 (before: a quiet exit 0 that had thrown it away)."""
+    proc = subprocess.Popen(
+        [CFP, "explain", "m.onnx", "--clip", "clip.npy", "--out", "out"], cwd=work,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().startswith("prediction:")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == "", err
+    assert (work / "out" / "pyramid.json").is_file() and (work / "out" / "report.html").is_file()
