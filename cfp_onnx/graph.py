@@ -6,7 +6,7 @@ Built once from the analysis proto (static, folded); everything downstream reads
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from cfp_onnx import quant
 from cfp_onnx.errors import ModelError, UnsupportedOpError
 from cfp_onnx.ops import CONV, DENSE, HEAD_TRANSPARENT, POST_LOGITS, SOFTMAX
 
@@ -95,38 +96,52 @@ class Graph:
 
 
 class Constants(Mapping[str, np.ndarray]):
-    """Constant values by name; weights left on disk are read when asked, never kept."""
+    """Constant values by name; weights left on disk are read when asked, never kept, and
+    dequantised weights (cfp_onnx.quant) are computed when asked."""
 
-    def __init__(self, inline: dict[str, np.ndarray], external: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        inline: dict[str, np.ndarray],
+        external: Mapping[str, Any],
+        derived: Mapping[str, tuple[Callable[[], np.ndarray], tuple[int, ...]]] | None = None,
+    ) -> None:
         self.inline = inline
         self.external = external
+        self.derived = dict(derived or {})
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.inline:
             return self.inline[name]
+        if name in self.derived:
+            return self.derived[name][0]()
         return self.external[name].read()  # type: ignore[no-any-return]
 
     def __contains__(self, name: object) -> bool:
-        return name in self.inline or name in self.external
+        return name in self.inline or name in self.external or name in self.derived
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         """A constant's shape, from its declaration when it is on disk (nothing is read)."""
         if name in self.inline:
             return tuple(int(d) for d in self.inline[name].shape)
+        if name in self.derived:
+            return self.derived[name][1]
         return tuple(int(d) for d in self.external[name].shape)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a constant's first axis, reading no more from disk."""
         if name in self.inline:
             return self.inline[name][start:stop]
+        if name in self.derived:
+            return self[name][start:stop]
         return self.external[name].read_rows(start, stop)  # type: ignore[no-any-return]
 
     def __iter__(self) -> Iterator[str]:
         yield from self.inline
-        yield from (k for k in self.external if k not in self.inline)
+        yield from (k for k in self.derived if k not in self.inline)
+        yield from (k for k in self.external if k not in self.inline and k not in self.derived)
 
     def __len__(self) -> int:
-        return len(set(self.inline) | set(self.external))
+        return len(set(self.inline) | set(self.external) | set(self.derived))
 
 
 def parse(proto: onnx.ModelProto, external: Mapping[str, Any] | None = None) -> Graph:
@@ -161,7 +176,15 @@ def parse(proto: onnx.ModelProto, external: Mapping[str, Any] | None = None) -> 
         shapes[k] = tuple(v.shape)
     for k, e in ext.items():
         shapes[k] = tuple(e.shape)
-    constants = Constants(inline, ext)
+    quant.check_format(nodes)
+    plain = Constants(inline, ext)
+    kept, derived = quant.dequantised_constants(
+        nodes, plain.__contains__, plain.__getitem__, plain.shape_of
+    )
+    if len(kept) != len(nodes):  # indexes follow the node list
+        nodes = [replace(n, index=i) for i, n in enumerate(kept)]
+    shapes.update({k: shape for k, (_, shape) in derived.items()})
+    constants = Constants(inline, ext, derived)
     inits = {t.name for t in g.initializer}
     inputs = [i.name for i in g.input if i.name not in inits]
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from cfp_onnx.errors import ClipError, ModelError
 from cfp_onnx.graph import toposort
 from cfp_onnx.options import as_path
-from cfp_onnx.wire import strip_weights
+from cfp_onnx.wire import MIN_BYTES, strip_weights
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         toposort(proto.graph)  # names a cycle or a dangling input; the checker only says "unsorted"
     except ModelError as exc:
         raise ModelError(f"{p.name}: {exc}") from None
-    external = _inline_small(proto, _locate_external_data(proto, p, set(own)))
+    external = _inline_small(proto, _locate_external_data(proto, p, set(own)), set(own))
     try:
         onnx.checker.check_model(_checkable(proto))
     except Exception as exc:
@@ -191,20 +191,30 @@ def _locate_external_data(
 
 
 SMALL_CONSTANT_BYTES = 1 << 16
-"""External tensors up to this size are read into the proto when the model is loaded:
-shape and axes constants (of a Reshape, Squeeze, Slice, ...) saved with
-``size_threshold=0`` must be seen by folding, shape inference and onnxruntime's own
-checks, which cannot read external data. Weights stay on disk."""
+"""int32/int64 external tensors up to this size (and any up to wire.MIN_BYTES) are read
+into the proto when the model is loaded: shape and axes constants (of a Reshape, Squeeze,
+Slice, ...) saved with ``size_threshold=0`` must be seen by folding, shape inference and
+onnxruntime's own checks, which cannot read external data. Weights stay on disk."""
+
+
+def _small(ext: ExternalTensor) -> bool:
+    if ext.nbytes <= MIN_BYTES:
+        return True
+    return ext.dtype in (np.dtype(np.int64), np.dtype(np.int32)) and (
+        ext.nbytes <= SMALL_CONSTANT_BYTES
+    )
 
 
 def _inline_small(
-    proto: onnx.ModelProto, external: dict[str, ExternalTensor]
+    proto: onnx.ModelProto, external: dict[str, ExternalTensor], own: set[str]
 ) -> dict[str, ExternalTensor]:
     """Read external tensors of at most SMALL_CONSTANT_BYTES inline (already confined to
-    the model's folder and checked for size); returns the ones left on disk."""
+    the model's folder and checked for size); returns the ones left on disk. Tensors of
+    the model file itself under wire.MIN_BYTES were never stripped; larger ones stay
+    referenced in place."""
     for t in proto.graph.initializer:
         ext = external.get(t.name)
-        if ext is not None and ext.nbytes <= SMALL_CONSTANT_BYTES:
+        if ext is not None and t.name not in own and _small(ext):
             t.CopyFrom(numpy_helper.from_array(ext.read(), t.name))
             del external[t.name]
     return external

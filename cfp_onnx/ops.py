@@ -13,7 +13,7 @@ UNARY = frozenset(
         "HardSigmoid", "HardSwish", "Gelu", "Erf", "Softplus", "Softsign", "Mish", "ThresholdedRelu",
         "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
         "Identity", "Dropout", "Cast", "CastLike", "BatchNormalization", "InstanceNormalization",
-        "GroupNormalization", "Swish",
+        "GroupNormalization", "Swish", "QuantizeLinear", "DequantizeLinear",
     }
 )  # fmt: skip
 
@@ -37,10 +37,23 @@ SELECT = frozenset({"Concat", "Split", "Slice", "Gather", "Pad"})
 # Between the classifier and the graph output: walked through to find the logits.
 POST_LOGITS = frozenset(
     {"Softmax", "LogSoftmax", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-     "ReduceMean", "GlobalAveragePool", "Add", "Dropout", "Cast", "Transpose"}
+     "ReduceMean", "GlobalAveragePool", "Add", "Dropout", "Cast", "Transpose",
+     "QuantizeLinear", "DequantizeLinear"}
 )  # fmt: skip
 
 # Between stacked dense layers of a head (C3D's fc6..fc8): ReLUs ignored, biases dropped.
 HEAD_TRANSPARENT = frozenset(
-    {"Relu", "Dropout", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Add", "Cast"}
+    {
+        "Relu",
+        "Dropout",
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Add",
+        "Cast",
+        "QuantizeLinear",
+        "DequantizeLinear",
+    }
 )
