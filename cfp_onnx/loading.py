@@ -331,10 +331,34 @@ def _foldable_inputs(proto: onnx.ModelProto, external: dict[str, ExternalTensor]
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        if not any(n.op_type in FUSED_CONV and n.domain == MS for n in proto.graph.node):
+            return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        return _infer_fused(proto)
     except Exception as exc:
         log.debug("shape inference failed: %s", exc)
         return proto
+
+
+FUSED_CONV, MS = frozenset({"FusedConv"}), "com.microsoft"
+
+
+def _infer_fused(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes of a graph holding onnxruntime's FusedConv, which onnx's inference does not
+    know: inferred on a copy where each is the plain Conv it is (same output shape: its
+    activation and sum input change values only), then given to the original."""
+    plain = onnx.ModelProto()
+    plain.CopyFrom(proto)
+    for n in plain.graph.node:
+        if n.op_type in FUSED_CONV and n.domain == MS:
+            n.op_type, n.domain = "Conv", ""
+            del n.input[3:]
+            keep = [a for a in n.attribute if not a.name.startswith("activation")]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+    inferred = onnx.shape_inference.infer_shapes(plain, strict_mode=False, data_prop=True)
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred.graph.value_info)
+    return proto
 
 
 def _fold(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-CONV = frozenset({"Conv"})
+CONV = frozenset({"Conv", "FusedConv"})
+"""FusedConv (com.microsoft, onnxruntime's extended optimisation) is a Conv with its
+activation in an attribute and an optional sum input Z: act(conv(X) + Z)."""
 DENSE = frozenset({"Gemm", "MatMul"})
 SOFTMAX = frozenset({"Softmax", "LogSoftmax"})
 

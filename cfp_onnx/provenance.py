@@ -520,7 +520,11 @@ def _apply(
         c = int(offsets[i + 1] - offsets[i])
         rank = len(g.constants.shape_of(node.inputs[1]))
         idx = np.arange(c, dtype=np.int64).reshape((1, c) + (1,) * (rank - 2))
-        return [ChannelMap(idx, tuple(frozenset({int(offsets[i]) + j}) for j in range(c)))]
+        own = ChannelMap(idx, tuple(frozenset({int(offsets[i]) + j}) for j in range(c)))
+        z = ins[3] if len(ins) > 3 else None
+        if isinstance(z, ChannelMap):  # FusedConv's Z: act(conv(X) + Z), the Add it absorbed
+            return [union([own, z])]
+        return [own]
     if not _features(ins):
         return [None] * len(node.outputs)  # computed from constants only
     if node.name in head.nodes or node.op_type in DENSE | CONV:
