@@ -164,7 +164,9 @@ def _export_dynamo(
         input_names=[input_name],
         output_names=[output_name],
         opset_version=max(opset, 18),
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        # AUTO: a dynamic batch axis where the model allows one, a static one where its code
+        # fixes it (pytorchvideo's heads do), instead of failing the export
+        dynamic_shapes=({0: torch.export.Dim.AUTO},),
         dynamo=True,
         verbose=False,
     )

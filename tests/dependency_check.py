@@ -99,7 +99,7 @@ def _capture(model: nn.Module, ex: Explainer, clip: np.ndarray) -> Truth:
     def post(mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
         leaf = out.detach().requires_grad_(True)
         leaves[names[mod]] = leaf  # type: ignore[index]
-        return leaf
+        return leaf.clone()  # a model's in-place activation may follow: not on the leaf
 
     fc = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     hooks.append(fc.register_forward_pre_hook(lambda m, a: head_in.append(a[0])))
