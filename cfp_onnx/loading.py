@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from cfp_onnx import quant
 from cfp_onnx.errors import ClipError, ModelError
 from cfp_onnx.graph import toposort
 from cfp_onnx.options import as_path
@@ -122,6 +123,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise ModelError(f"{p.name} fails the ONNX checker: {first}") from None
     _check_dims(proto, p.name)
     name_nodes(proto)
+    quant.to_qdq(proto, external)  # a QOperator model becomes the QDQ graph it computes
     return LoadedModel(p, proto, external)
 
 

@@ -12,8 +12,12 @@ pyramid computed from the dequantised weights and activations:
   channels: both pass provenance through (ops.UNARY), and the run taps the dequantised
   float tensors the convs read.
 
-The QOperator format (``QLinearConv``, ``QGemm``, ...) keeps activations as integers
-between its fused ops; it is refused by name, with the way out.
+The QOperator format (``QLinearConv``, ``QGemm``, ``QLinearGlobalAveragePool``, ...) fuses
+each float op with the (de)quantisation around it. ``to_qdq`` rewrites such a model, when
+it is loaded, into the QDQ graph it computes (``DequantizeLinear`` -> the float op ->
+``QuantizeLinear``, node names kept), which the rest of cfp reads as above; the run uses
+the rewritten graph too, so its taps are the dequantised activations. Ops with no such
+rewrite here (``ConvInteger``, ``MatMulInteger``, channels-last pools) are refused by name.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from cfp_onnx.errors import UnsupportedOpError
 
@@ -34,15 +40,173 @@ QOPERATOR = frozenset(
 
 
 def check_format(nodes: Sequence[Any]) -> None:
-    """Raises UnsupportedOpError, naming the first QOperator op, for that format."""
+    """Raises UnsupportedOpError, naming the first QOperator op ``to_qdq`` left."""
     for n in nodes:
         if n.op_type in QOPERATOR:
             raise UnsupportedOpError(
-                f"op {n.op_type} (node {n.name!r}) is QOperator-format quantisation, which keeps "
-                "activations as integers inside fused ops; quantise in the QDQ format instead "
+                f"op {n.op_type} (node {n.name!r}) is QOperator-format quantisation that cfp "
+                "cannot rewrite as QDQ; quantise in the QDQ format instead "
                 "(onnxruntime.quantization: quant_format=QuantFormat.QDQ, its default), or "
                 "explain the float model"
             )
+
+
+# ----------------------------------------------------------------- QOperator -> QDQ
+
+# op -> (float op, index of each dequantised operand's (x, scale, zero point), index of
+# the output's (scale, zero point), attributes dropped)
+_UNARY_Q = {"QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu"}
+_BINARY_Q = {"QLinearAdd": "Add", "QLinearMul": "Mul"}
+
+
+def to_qdq(model: onnx.ModelProto, external: Mapping[str, Any] | None = None) -> bool:
+    """Rewrite QOperator nodes of `model` in place as DequantizeLinear -> float op ->
+    QuantizeLinear; returns whether anything changed. Node names are kept, so a
+    ``QLinearConv`` named ``conv3_quant`` becomes the layer ``conv3_quant``. `external`
+    reads initializers whose bytes stay on disk (loading.ExternalTensor): a bias's scale
+    is computed from the input's and the weight's."""
+    g = model.graph
+    if not any(n.op_type in QOPERATOR for n in g.node):
+        return False
+    values: dict[str, Any] = {t.name: t for t in g.initializer}
+    values["__external__"] = dict(external or {})
+    out: list[onnx.NodeProto] = []
+    for n in g.node:
+        rewrite = _REWRITES.get(n.op_type)
+        out.extend(rewrite(n, values, g) if rewrite is not None else [n])
+    del g.node[:]
+    g.node.extend(out)
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in model.opset_import):
+        raise UnsupportedOpError(
+            "a QOperator model below opset 13 (no per-channel DequantizeLinear)"
+        )
+    return True
+
+
+def _dq(
+    x: str, scale: str, zp: str, out: str, name: str, axis: int | None = None
+) -> onnx.NodeProto:
+    inputs = [x, scale] + ([zp] if zp else [])
+    extra: dict[str, Any] = {} if axis is None else {"axis": axis}
+    return helper.make_node("DequantizeLinear", inputs, [out], name=name, **extra)
+
+
+def _q(x: str, scale: str, zp: str, out: str, name: str) -> onnx.NodeProto:
+    return helper.make_node("QuantizeLinear", [x, scale] + ([zp] if zp else []), [out], name=name)
+
+
+def _attrs(n: onnx.NodeProto, drop: Sequence[str] = ()) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in n.attribute if a.name not in drop}
+
+
+def _inp(n: onnx.NodeProto, i: int) -> str:
+    return n.input[i] if len(n.input) > i else ""
+
+
+def _const(values: Mapping[str, onnx.TensorProto], name: str, node: onnx.NodeProto) -> np.ndarray:
+    t = values.get(name)
+    if t is not None and name in values["__external__"]:
+        return np.asarray(values["__external__"][name].read(), dtype=np.float64)
+    if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
+        raise UnsupportedOpError(
+            f"op {node.op_type} (node {node.name!r}): its scale {name!r} is not a stored "
+            "constant, so its bias cannot be dequantised"
+        )
+    return np.asarray(numpy_helper.to_array(t), dtype=np.float64)
+
+
+def _bias(
+    n: onnx.NodeProto, b: str, x_scale: str, w_scale: str, values: Any, g: onnx.GraphProto
+) -> tuple[list[onnx.NodeProto], str]:
+    """An int32 bias quantised at x_scale * w_scale (per output channel)."""
+    if not b:
+        return [], ""
+    scale = (_const(values, x_scale, n) * _const(values, w_scale, n)).astype(np.float32)
+    name = f"{n.name}__cfp_bias_scale"
+    g.initializer.append(numpy_helper.from_array(scale.reshape(-1), name))
+    values[name] = g.initializer[-1]
+    return [_dq(b, name, "", f"{n.name}__cfp_bias", f"{n.name}__cfp_dq_bias", axis=0)], (
+        f"{n.name}__cfp_bias"
+    )
+
+
+def _conv(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    x, xs, xz, w, ws, wz, ys, yz = (_inp(n, i) for i in range(8))
+    pre = [_dq(x, xs, xz, f"{n.name}__cfp_x", f"{n.name}__cfp_dq_x"),
+           _dq(w, ws, wz, f"{n.name}__cfp_w", f"{n.name}__cfp_dq_w", axis=0)]  # fmt: skip
+    bias, b = _bias(n, _inp(n, 8), xs, ws, values, g)
+    ins = [f"{n.name}__cfp_x", f"{n.name}__cfp_w"] + ([b] if b else [])
+    conv = helper.make_node("Conv", ins, [f"{n.name}__cfp_y"], name=n.name, **_attrs(n))
+    return [*pre, *bias, conv, _q(f"{n.name}__cfp_y", ys, yz, n.output[0], f"{n.name}__cfp_q")]
+
+
+def _gemm(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    a, as_, az, b, bs, bz, c, ys, yz = (_inp(n, i) for i in range(9))
+    attrs = _attrs(n)
+    if float(attrs.get("alpha", 1.0)) != 1.0 or attrs.get("transA", 0):
+        raise UnsupportedOpError(f"op QGemm (node {n.name!r}) with alpha != 1 or transA")
+    axis = 0 if attrs.get("transB", 0) else 1  # per output column of B
+    pre = [_dq(a, as_, az, f"{n.name}__cfp_a", f"{n.name}__cfp_dq_a"),
+           _dq(b, bs, bz, f"{n.name}__cfp_b", f"{n.name}__cfp_dq_b", axis=axis)]  # fmt: skip
+    bias, cf = _bias(n, c, as_, bs, values, g)
+    ins = [f"{n.name}__cfp_a", f"{n.name}__cfp_b"] + ([cf] if cf else [])
+    keep = {k: v for k, v in attrs.items() if k in ("transB",)}
+    y = f"{n.name}__cfp_y" if ys else n.output[0]
+    nodes = [*pre, *bias, helper.make_node("Gemm", ins, [y], name=n.name, **keep)]
+    return nodes + ([_q(y, ys, yz, n.output[0], f"{n.name}__cfp_q")] if ys else [])
+
+
+def _matmul(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    a, as_, az, b, bs, bz, ys, yz = (_inp(n, i) for i in range(8))
+    per_column = values.get(bs) is not None and len(values[bs].dims) == 1 and values[bs].dims[0] > 1
+    pre = [_dq(a, as_, az, f"{n.name}__cfp_a", f"{n.name}__cfp_dq_a"),
+           _dq(b, bs, bz, f"{n.name}__cfp_b", f"{n.name}__cfp_dq_b",
+               axis=-1 if per_column else None)]  # fmt: skip
+    mm = helper.make_node("MatMul", [f"{n.name}__cfp_a", f"{n.name}__cfp_b"],
+                          [f"{n.name}__cfp_y"], name=n.name)  # fmt: skip
+    return [*pre, mm, _q(f"{n.name}__cfp_y", ys, yz, n.output[0], f"{n.name}__cfp_q")]
+
+
+def _pointwise(op: str, operands: int, drop: Sequence[str] = ()) -> Callable[..., list[Any]]:
+    """QLinear ops laid out as (x, scale, zp) per operand, then the output's (scale, zp)."""
+
+    def rewrite(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+        attrs = _attrs(n, drop)
+        if attrs.pop("channels_last", 0):
+            raise UnsupportedOpError(f"op {n.op_type} (node {n.name!r}) with channels_last=1")
+        pre, ins = [], []
+        for k in range(operands):
+            x, s, z = (_inp(n, 3 * k + i) for i in range(3))
+            pre.append(_dq(x, s, z, f"{n.name}__cfp_in{k}", f"{n.name}__cfp_dq{k}"))
+            ins.append(f"{n.name}__cfp_in{k}")
+        ys, yz = _inp(n, 3 * operands), _inp(n, 3 * operands + 1)
+        body = helper.make_node(op, ins, [f"{n.name}__cfp_y"], name=n.name, **attrs)
+        return [*pre, body, _q(f"{n.name}__cfp_y", ys, yz, n.output[0], f"{n.name}__cfp_q")]
+
+    return rewrite
+
+
+def _concat(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    ys, yz = _inp(n, 0), _inp(n, 1)
+    pre, ins = [], []
+    for k in range((len(n.input) - 2) // 3):
+        x, s, z = (_inp(n, 2 + 3 * k + i) for i in range(3))
+        pre.append(_dq(x, s, z, f"{n.name}__cfp_in{k}", f"{n.name}__cfp_dq{k}"))
+        ins.append(f"{n.name}__cfp_in{k}")
+    body = helper.make_node("Concat", ins, [f"{n.name}__cfp_y"], name=n.name, **_attrs(n))
+    return [*pre, body, _q(f"{n.name}__cfp_y", ys, yz, n.output[0], f"{n.name}__cfp_q")]
+
+
+_REWRITES: dict[str, Callable[..., list[onnx.NodeProto]]] = {
+    "QLinearConv": _conv,
+    "QGemm": _gemm,
+    "QLinearMatMul": _matmul,
+    "QLinearGlobalAveragePool": _pointwise("GlobalAveragePool", 1),
+    "QLinearAveragePool": _pointwise("AveragePool", 1),
+    "QLinearConcat": _concat,
+    **{q: _pointwise(op, 2) for q, op in _BINARY_Q.items()},
+    **{q: _pointwise(op, 1) for q, op in _UNARY_Q.items()},
+}
 
 
 def dequantised_constants(

@@ -142,22 +142,62 @@ def test_qdq_with_weights_on_disk_reads_them_through_their_dequantize(tmp_path):
     assert {**a.to_dict(), "model": ""} == {**b.to_dict(), "model": ""}
 
 
-def test_qoperator_format_is_refused_by_name(tmp_path):
-    f = _float_model(tmp_path / "f.onnx")
+def _static(src: Path, dst: Path, shape: tuple[int, ...], fmt: str, per_channel: bool) -> Path:
     rng = np.random.default_rng(0)
-    feeds = iter([{"video": rng.standard_normal(SHAPE).astype(np.float32)} for _ in range(4)])
+    name = onnx.load(str(src)).graph.input[0].name
+    feeds = iter([{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)])
 
     class Reader(quantization.CalibrationDataReader):
         def get_next(self):  # type: ignore[no-untyped-def]
             return next(feeds, None)
 
-    q = tmp_path / "qop.onnx"
-    quantization.quantize_static(str(f), str(q), Reader(),
-                                 quant_format=quantization.QuantFormat.QOperator)  # fmt: skip
-    with pytest.raises(UnsupportedOpError, match="QLinearConv"):
+    quantization.quantize_static(str(src), str(dst), Reader(), per_channel=per_channel,
+                                 quant_format=getattr(quantization.QuantFormat, fmt))  # fmt: skip
+    return dst
+
+
+@pytest.mark.parametrize("name", ["resnet50_3d", "mfnet_3d", "i3d"])
+def test_qoperator_models_are_rewritten_as_the_qdq_graph_they_compute(tmp_path, name):
+    """QLinearConv, QGemm, QLinearAdd, QLinearConcat, ... become DequantizeLinear -> float
+    op -> QuantizeLinear: the logits equal onnxruntime's own run of the QOperator file (to
+    its output's quantisation step), and the pyramid is the float model's (node Jaccard
+    >= 0.9; onnxruntime names each layer ``<float name>_quant``)."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+    from cfp_onnx.exporters.pytorch import export_torch
+
+    from tests.zoo_helpers import TORCH_SHAPE, torch_model
+
+    f = tmp_path / "f.onnx"
+    export_torch(torch_model(name), TORCH_SHAPE, f)
+    q = _static(f, tmp_path / "q.onnx", TORCH_SHAPE, "QOperator", per_channel=True)
+    model = onnx.load(str(q))
+    assert "QLinearConv" in {n.op_type for n in model.graph.node}
+    clip = np.random.default_rng(5).standard_normal(TORCH_SHAPE).astype(np.float32)
+    native = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]).run(
+        None, {model.graph.input[0].name: clip}
+    )[0][0]
+    last = next(n for n in reversed(model.graph.node) if n.op_type == "DequantizeLinear")
+    step = float(numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == last.input[1])))  # fmt: skip
+    a = Explainer(f, clip_shape=TORCH_SHAPE).explain(clip, theta=0.6)
+    b = Explainer(q, clip_shape=TORCH_SHAPE).explain(clip, theta=0.6, label=a.label)
+    assert np.abs(b.logits - native).max() <= 2 * step + 1e-7
+    na = _nodes(a)
+    nb = {(layer.removesuffix("_quant"), c) for layer, c in _nodes(b)}
+    assert len(na) > 10 and len(na & nb) / len(na | nb) >= 0.9
+
+
+def test_integer_ops_without_a_rewrite_are_refused_by_name(tmp_path):
+    """Dynamic quantisation writes ConvInteger (int32 out, scales computed at run time)."""
+    f = _float_model(tmp_path / "f.onnx")
+    q = tmp_path / "dyn.onnx"
+    quantization.quantize_dynamic(str(f), str(q), op_types_to_quantize=["Conv"])
+    assert "ConvInteger" in {n.op_type for n in onnx.load(str(q)).graph.node}
+    with pytest.raises(UnsupportedOpError, match="ConvInteger"):
         Explainer(q, clip_shape=SHAPE)
     np.save(tmp_path / "clip.npy", np.zeros(SHAPE, np.float32))
-    r = subprocess.run([CFP, "explain", "qop.onnx", "--clip", "clip.npy", "--out", "out"],
+    r = subprocess.run([CFP, "explain", "dyn.onnx", "--clip", "clip.npy", "--out", "out"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert_one_line_error(r, "QLinearConv", "QuantFormat.QDQ")
+    assert_one_line_error(r, "ConvInteger", "QuantFormat.QDQ")
     assert not (tmp_path / "out").exists()
