@@ -582,9 +582,9 @@ def run_batch(
     _check_labels(spec.options, tasks, ex.classes)
     prepare_out(out, manifest(spec, ex), overwrite=overwrite)
     todo = [t for t in tasks if not is_done(out, t.id)]
-    damaged = [t for t in tasks if not is_done(out, t.id) and clip_dir(out, t.id).exists()]
+    damaged = sum(clip_dir(out, t.id).exists() for t in todo)  # a folder, but not intact
     if damaged:
-        log.warning("%d finished clips are damaged and will be redone", len(damaged))
+        log.warning("%d finished clips are damaged and will be redone", damaged)
     failed = _explain_into(out, spec, todo, engine, first, progress)
 
     def final() -> tuple[int, ...] | list[ClipTask]:

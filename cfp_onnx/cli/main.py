@@ -81,7 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cfp: interrupted", file=sys.stderr)
         return 130
     args = parser.parse_args(argv)
-    sys.stdout = _Stdout(sys.stdout)  # type: ignore[assignment]
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)  # type: ignore[assignment]
+    try:
+        return _run(args)
+    finally:
+        sys.stdout.flush()  # a reader gone by now: /dev/null, not an error at exit
+        sys.stdout = stdout
+
+
+def _run(args: argparse.Namespace) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(
         level=logging.ERROR if args.quiet else level, format="%(levelname)s %(name)s: %(message)s"
