@@ -53,8 +53,6 @@ def check_format(nodes: Sequence[Any]) -> None:
 
 # ----------------------------------------------------------------- QOperator -> QDQ
 
-# op -> (float op, index of each dequantised operand's (x, scale, zero point), index of
-# the output's (scale, zero point), attributes dropped)
 _UNARY_Q = {"QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu"}
 _BINARY_Q = {"QLinearAdd": "Add", "QLinearMul": "Mul"}
 
@@ -68,12 +66,11 @@ def to_qdq(model: onnx.ModelProto, external: Mapping[str, Any] | None = None) ->
     g = model.graph
     if not any(n.op_type in QOPERATOR for n in g.node):
         return False
-    values: dict[str, Any] = {t.name: t for t in g.initializer}
-    values["__external__"] = dict(external or {})
+    consts = _Constants(g, dict(external or {}))
     out: list[onnx.NodeProto] = []
     for n in g.node:
         rewrite = _REWRITES.get(n.op_type)
-        out.extend(rewrite(n, values, g) if rewrite is not None else [n])
+        out.extend(rewrite(n, consts) if rewrite is not None else [n])
     del g.node[:]
     g.node.extend(out)
     if not any(o.domain in ("", "ai.onnx") and o.version >= 13 for o in model.opset_import):
@@ -103,44 +100,61 @@ def _inp(n: onnx.NodeProto, i: int) -> str:
     return n.input[i] if len(n.input) > i else ""
 
 
-def _const(values: Mapping[str, onnx.TensorProto], name: str, node: onnx.NodeProto) -> np.ndarray:
-    t = values.get(name)
-    if t is not None and name in values["__external__"]:
-        return np.asarray(values["__external__"][name].read(), dtype=np.float64)
-    if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
-        raise UnsupportedOpError(
-            f"op {node.op_type} (node {node.name!r}): its scale {name!r} is not a stored "
-            "constant, so its bias cannot be dequantised"
-        )
-    return np.asarray(numpy_helper.to_array(t), dtype=np.float64)
+class _Constants:
+    """The graph's initializers being rewritten: read (inline or on disk) and added to."""
+
+    def __init__(self, graph: onnx.GraphProto, external: Mapping[str, Any]) -> None:
+        self.graph, self.external = graph, external
+        self.tensors = {t.name: t for t in graph.initializer}
+
+    def read(self, name: str, node: onnx.NodeProto) -> np.ndarray:
+        if name in self.external:
+            return np.asarray(self.external[name].read(), dtype=np.float64)
+        t = self.tensors.get(name)
+        if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
+            raise UnsupportedOpError(
+                f"op {node.op_type} (node {node.name!r}): its scale {name!r} is not a stored "
+                "constant, so its bias cannot be dequantised"
+            )
+        return np.asarray(numpy_helper.to_array(t), dtype=np.float64)
+
+    def add(self, value: np.ndarray, name: str) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.tensors[name] = self.graph.initializer[-1]
+        return name
+
+    def rank(self, name: str) -> int:
+        t = self.tensors.get(name)
+        return len(t.dims) if t is not None else 0
+
+    def size(self, name: str) -> int:
+        t = self.tensors.get(name)
+        return int(np.prod(t.dims)) if t is not None else 0
 
 
 def _bias(
-    n: onnx.NodeProto, b: str, x_scale: str, w_scale: str, values: Any, g: onnx.GraphProto
+    n: onnx.NodeProto, b: str, x_scale: str, w_scale: str, consts: _Constants
 ) -> tuple[list[onnx.NodeProto], str]:
     """An int32 bias quantised at x_scale * w_scale (per output channel)."""
     if not b:
         return [], ""
-    scale = (_const(values, x_scale, n) * _const(values, w_scale, n)).astype(np.float32)
-    name = f"{n.name}__cfp_bias_scale"
-    g.initializer.append(numpy_helper.from_array(scale.reshape(-1), name))
-    values[name] = g.initializer[-1]
-    return [_dq(b, name, "", f"{n.name}__cfp_bias", f"{n.name}__cfp_dq_bias", axis=0)], (
-        f"{n.name}__cfp_bias"
-    )
+    scale = consts.read(x_scale, n) * consts.read(w_scale, n)
+    name = consts.add(scale.astype(np.float32).reshape(-1), f"{n.name}__cfp_bias_scale")
+    out = f"{n.name}__cfp_bias"
+    return [_dq(b, name, "", out, f"{n.name}__cfp_dq_bias", axis=0)], out
 
 
-def _conv(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _conv(n: onnx.NodeProto, consts: _Constants) -> list[onnx.NodeProto]:
     x, xs, xz, w, ws, wz, ys, yz = (_inp(n, i) for i in range(8))
     pre = [_dq(x, xs, xz, f"{n.name}__cfp_x", f"{n.name}__cfp_dq_x"),
            _dq(w, ws, wz, f"{n.name}__cfp_w", f"{n.name}__cfp_dq_w", axis=0)]  # fmt: skip
-    bias, b = _bias(n, _inp(n, 8), xs, ws, values, g)
+    bias, b = _bias(n, _inp(n, 8), xs, ws, consts)
     ins = [f"{n.name}__cfp_x", f"{n.name}__cfp_w"] + ([b] if b else [])
     conv = helper.make_node("Conv", ins, [f"{n.name}__cfp_y"], name=n.name, **_attrs(n))
     return [*pre, *bias, conv, _q(f"{n.name}__cfp_y", ys, yz, n.output[0], f"{n.name}__cfp_q")]
 
 
-def _gemm(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _gemm(n: onnx.NodeProto, consts: _Constants) -> list[onnx.NodeProto]:
     a, as_, az, b, bs, bz, c, ys, yz = (_inp(n, i) for i in range(9))
     attrs = _attrs(n)
     if float(attrs.get("alpha", 1.0)) != 1.0 or attrs.get("transA", 0):
@@ -148,7 +162,7 @@ def _gemm(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeP
     axis = 0 if attrs.get("transB", 0) else 1  # per output column of B
     pre = [_dq(a, as_, az, f"{n.name}__cfp_a", f"{n.name}__cfp_dq_a"),
            _dq(b, bs, bz, f"{n.name}__cfp_b", f"{n.name}__cfp_dq_b", axis=axis)]  # fmt: skip
-    bias, cf = _bias(n, c, as_, bs, values, g)
+    bias, cf = _bias(n, c, as_, bs, consts)
     ins = [f"{n.name}__cfp_a", f"{n.name}__cfp_b"] + ([cf] if cf else [])
     keep = {k: v for k, v in attrs.items() if k in ("transB",)}
     y = f"{n.name}__cfp_y" if ys else n.output[0]
@@ -156,9 +170,9 @@ def _gemm(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeP
     return nodes + ([_q(y, ys, yz, n.output[0], f"{n.name}__cfp_q")] if ys else [])
 
 
-def _matmul(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _matmul(n: onnx.NodeProto, consts: _Constants) -> list[onnx.NodeProto]:
     a, as_, az, b, bs, bz, ys, yz = (_inp(n, i) for i in range(8))
-    per_column = values.get(bs) is not None and len(values[bs].dims) == 1 and values[bs].dims[0] > 1
+    per_column = consts.rank(bs) == 1 and consts.size(bs) > 1
     pre = [_dq(a, as_, az, f"{n.name}__cfp_a", f"{n.name}__cfp_dq_a"),
            _dq(b, bs, bz, f"{n.name}__cfp_b", f"{n.name}__cfp_dq_b",
                axis=-1 if per_column else None)]  # fmt: skip
@@ -170,7 +184,7 @@ def _matmul(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.Nod
 def _pointwise(op: str, operands: int, drop: Sequence[str] = ()) -> Callable[..., list[Any]]:
     """QLinear ops laid out as (x, scale, zp) per operand, then the output's (scale, zp)."""
 
-    def rewrite(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    def rewrite(n: onnx.NodeProto, consts: _Constants) -> list[onnx.NodeProto]:
         attrs = _attrs(n, drop)
         if attrs.pop("channels_last", 0):
             raise UnsupportedOpError(f"op {n.op_type} (node {n.name!r}) with channels_last=1")
@@ -186,7 +200,7 @@ def _pointwise(op: str, operands: int, drop: Sequence[str] = ()) -> Callable[...
     return rewrite
 
 
-def _concat(n: onnx.NodeProto, values: Any, g: onnx.GraphProto) -> list[onnx.NodeProto]:
+def _concat(n: onnx.NodeProto, consts: _Constants) -> list[onnx.NodeProto]:
     ys, yz = _inp(n, 0), _inp(n, 1)
     pre, ins = [], []
     for k in range((len(n.input) - 2) // 3):
