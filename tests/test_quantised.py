@@ -92,8 +92,9 @@ def test_weights_in_qdq_give_exactly_the_float_pyramid(tmp_path):
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6)
 
 
-def _static_qdq(src: Path, dst: Path, shape: tuple[int, ...]) -> Path:
-    """onnxruntime's own static quantisation: QDQ, int8, per channel, 8 calibration clips."""
+def _static(src: Path, dst: Path, shape: tuple[int, ...], fmt: str = "QDQ") -> Path:
+    """onnxruntime's own static quantisation: int8, per channel, 8 calibration clips, in
+    the QDQ or the QOperator format."""
     rng = np.random.default_rng(0)
     name = onnx.load(str(src)).graph.input[0].name
     feeds = iter([{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)])
@@ -102,8 +103,9 @@ def _static_qdq(src: Path, dst: Path, shape: tuple[int, ...]) -> Path:
         def get_next(self):  # type: ignore[no-untyped-def]
             return next(feeds, None)
 
+    quant_format = getattr(quantization.QuantFormat, fmt)
     quantization.quantize_static(
-        str(src), str(dst), Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True
+        str(src), str(dst), Reader(), quant_format=quant_format, per_channel=True
     )
     return dst
 
@@ -119,7 +121,7 @@ def test_zoo_models_quantised_by_onnxruntime_keep_their_pyramid(tmp_path, name):
 
     f = tmp_path / "f.onnx"
     export_torch(torch_model(name), TORCH_SHAPE, f)
-    q = _static_qdq(f, tmp_path / "q.onnx", TORCH_SHAPE)
+    q = _static(f, tmp_path / "q.onnx", TORCH_SHAPE)
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(q)).graph.node)
     clip = np.random.default_rng(5).standard_normal(TORCH_SHAPE).astype(np.float32)
     a = Explainer(f, clip_shape=TORCH_SHAPE).explain(clip, theta=0.6)
@@ -131,7 +133,7 @@ def test_zoo_models_quantised_by_onnxruntime_keep_their_pyramid(tmp_path, name):
 
 def test_qdq_with_weights_on_disk_reads_them_through_their_dequantize(tmp_path):
     f = _float_model(tmp_path / "f.onnx")
-    q = _static_qdq(f, tmp_path / "q.onnx", SHAPE)
+    q = _static(f, tmp_path / "q.onnx", SHAPE)
     ext = tmp_path / "ext"
     ext.mkdir()
     onnx.save_model(onnx.load(str(q)), str(ext / "q.onnx"), save_as_external_data=True,
@@ -140,20 +142,6 @@ def test_qdq_with_weights_on_disk_reads_them_through_their_dequantize(tmp_path):
     a = Explainer(q, clip_shape=SHAPE).explain(clip, theta=0.5)
     b = Explainer(ext / "q.onnx", clip_shape=SHAPE).explain(clip, theta=0.5)
     assert {**a.to_dict(), "model": ""} == {**b.to_dict(), "model": ""}
-
-
-def _static(src: Path, dst: Path, shape: tuple[int, ...], fmt: str, per_channel: bool) -> Path:
-    rng = np.random.default_rng(0)
-    name = onnx.load(str(src)).graph.input[0].name
-    feeds = iter([{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)])
-
-    class Reader(quantization.CalibrationDataReader):
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(feeds, None)
-
-    quantization.quantize_static(str(src), str(dst), Reader(), per_channel=per_channel,
-                                 quant_format=getattr(quantization.QuantFormat, fmt))  # fmt: skip
-    return dst
 
 
 @pytest.mark.parametrize("name", ["resnet50_3d", "mfnet_3d", "i3d"])
@@ -170,7 +158,7 @@ def test_qoperator_models_are_rewritten_as_the_qdq_graph_they_compute(tmp_path, 
 
     f = tmp_path / "f.onnx"
     export_torch(torch_model(name), TORCH_SHAPE, f)
-    q = _static(f, tmp_path / "q.onnx", TORCH_SHAPE, "QOperator", per_channel=True)
+    q = _static(f, tmp_path / "q.onnx", TORCH_SHAPE, "QOperator")
     model = onnx.load(str(q))
     assert "QLinearConv" in {n.op_type for n in model.graph.node}
     clip = np.random.default_rng(5).standard_normal(TORCH_SHAPE).astype(np.float32)
