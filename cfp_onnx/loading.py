@@ -23,6 +23,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from cfp_onnx import quant
 from cfp_onnx.errors import ClipError, ModelError
 from cfp_onnx.graph import toposort
+from cfp_onnx.ops import FUSED_CONV, MS
 from cfp_onnx.options import as_path
 from cfp_onnx.wire import MIN_BYTES, strip_weights
 
@@ -343,9 +344,6 @@ def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         log.debug("shape inference failed: %s", exc)
         return proto
-
-
-FUSED_CONV, MS = frozenset({"FusedConv"}), "com.microsoft"
 
 
 def _infer_fused(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-CONV = frozenset({"Conv", "FusedConv"})
-"""FusedConv (com.microsoft, onnxruntime's extended optimisation) is a Conv with its
+MS = "com.microsoft"
+FUSED_CONV = frozenset({"FusedConv"})
+"""com.microsoft's FusedConv (onnxruntime's extended optimisation) is a Conv with its
 activation in an attribute and an optional sum input Z: act(conv(X) + Z)."""
+CONV = frozenset({"Conv"}) | FUSED_CONV
 DENSE = frozenset({"Gemm", "MatMul"})
 SOFTMAX = frozenset({"Softmax", "LogSoftmax"})
 
@@ -45,17 +47,6 @@ POST_LOGITS = frozenset(
 
 # Between stacked dense layers of a head (C3D's fc6..fc8): ReLUs ignored, biases dropped.
 HEAD_TRANSPARENT = frozenset(
-    {
-        "Relu",
-        "Dropout",
-        "Identity",
-        "Reshape",
-        "Flatten",
-        "Squeeze",
-        "Unsqueeze",
-        "Add",
-        "Cast",
-        "QuantizeLinear",
-        "DequantizeLinear",
-    }
-)
+    {"Relu", "Dropout", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Add", "Cast",
+     "QuantizeLinear", "DequantizeLinear"}
+)  # fmt: skip

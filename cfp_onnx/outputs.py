@@ -233,7 +233,7 @@ def _deferred_signals() -> Iterator[None]:
 def _swap_in(tmp: Path, dest: Path, shown: str, overwrite: bool) -> None:
     """Rename `tmp` onto `dest` without ever replacing another run's result."""
     if overwrite and dest.is_dir() and any(dest.iterdir()):  # checked: cfp's own output
-        if dest.is_dir() and not (dest / MARKER).is_file():
+        if not (dest / MARKER).is_file():
             raise OutputError(f"{shown!r} was filled by files cfp did not write; kept them")
         old = dest.with_name(f".{dest.name}.cfp{os.getpid()}.x.old")
         os.rename(dest, old)

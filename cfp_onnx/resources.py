@@ -70,9 +70,9 @@ class Estimate:
 
     def describe(self) -> str:
         return (
-            f"about {format_size(self.total)}: weights {format_size(self.weights)}, "
-            f"activations {format_size(self.activations)}, feature maps for tubes "
-            f"{format_size(self.exposed)}, pyramid scratch {format_size(self.scratch)}"
+            f"weights {format_size(self.weights)}, activations {format_size(self.activations)}, "
+            f"feature maps for tubes {format_size(self.exposed)}, pyramid scratch "
+            f"{format_size(self.scratch)}"
         )
 
 
@@ -145,12 +145,13 @@ class MemoryLimit:
             return cls(default_limit(), f"default: {DEFAULT_FRACTION:.0%} of the available memory")
         return cls(parse_size(max_memory), "--max-memory")
 
-    def check(self, need: int, what: str, advice: str) -> None:
-        """Raises ResourceError when `need` bytes exceed the limit."""
+    def check(self, need: int, what: str, advice: str, detail: str = "") -> None:
+        """Raises ResourceError when `need` bytes (`detail`: what they are) exceed the limit."""
         if self.bytes is not None and need > self.bytes:
             raise ResourceError(
-                f"{what} would need about {format_size(need)}; the memory limit is "
-                f"{format_size(self.bytes)} ({self.source}): {advice}, or raise --max-memory"
+                f"{what} would need about {format_size(need)}{detail}; the memory limit is "
+                f"{format_size(self.bytes)} ({self.source}): {advice}, or raise --max-memory "
+                "(e.g. --max-memory 64G, or off)"
             )
 
 
@@ -215,10 +216,5 @@ def _tube_chunk(input_shape: tuple[int, ...]) -> int:
 
 def check(est: Estimate, limit: MemoryLimit) -> None:
     """Raises ResourceError when `est` exceeds `limit`."""
-    if limit.bytes is None or est.total <= limit.bytes:
-        return
-    raise ResourceError(
-        f"this explain would need {est.describe()}; the memory limit is "
-        f"{format_size(limit.bytes)} ({limit.source}): use a smaller clip or depth, skip tubes "
-        "and report (--no-tubes --no-report), or raise --max-memory (e.g. --max-memory 64G, or off)"
-    )
+    advice = "use a smaller clip or depth, skip tubes and report (--no-tubes --no-report)"
+    limit.check(est.total, "this explain", advice, detail=f": {est.describe()}")

@@ -104,10 +104,8 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     except ModuleNotFoundError as exc:
         return _missing(exc, f"cfp {args.command}")
-    except BrokenPipeError:  # `cfp inspect m.onnx | head`: the reader left; exit quietly
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
+    except BrokenPipeError:  # the reader left, seen outside the wrapper: exit quietly
+        _to_devnull(sys.stdout)
         return 0
 
 
@@ -136,12 +134,16 @@ class _Stdout:
 
     def _leave(self) -> None:
         self._gone = True
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())  # no second error when Python exits
+        _to_devnull(self._stream)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def _to_devnull(stream: TextIO) -> None:
+    """Point `stream`'s file descriptor at /dev/null: no second error when Python flushes."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _missing(exc: ModuleNotFoundError, prog: str) -> int:
