@@ -1,0 +1,588 @@
+"""The pyramid inside the model: extra graph outputs that explain each prediction.
+
+The method needs no gradients (SPEC §3-4): head weights, pooled activations and a few
+array ops per layer. So it can run in the graph, on any ONNX runtime, beside the logits.
+`embed` adds to a model, as graph surgery and with standard ONNX ops only (opset >= 17):
+
+* ``cfp_label`` ``[N]`` int64: the explained class, the prediction unless the optional
+  input ``cfp_explain_label`` (a scalar, default -1) names one;
+* per pyramid layer ``cfp_depth:<layer>`` ``[N, C_out]`` int64 (-1: not in the pyramid)
+  and ``cfp_relevance:<layer>`` ``[N, C_out]`` float64 (0 where not in the pyramid);
+* with a class tube, ``cfp_class_tube`` ``[N, T, H, W]`` float32 at clip size, signed.
+
+What is dynamic in size on the host (kept kernels, links) is a dense mask over each
+layer's kernels here. The back-step is the host's, op for op: tap means in float64 from
+the float32 taps, ``(r - min) / (max - min)`` per kernel, ``>= theta``, TopK for top_n
+(ONNX TopK breaks ties by the lower index, as ``relevance.select`` does). A kernel's
+children are a static gather: the provenance of each input channel, inverted into a
+padded index table per level, so a level is Gather + ReduceMax. Each level uses only the
+rows of the kernels it expands (Compress by the batch's frontier), as the host does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from cfp_onnx.errors import ModelError, OptionError
+from cfp_onnx.options import CLASS_TUBES, PyramidOptions
+from cfp_onnx.relevance import minmax, select
+from cfp_onnx.tubes import linear_matrix
+from cfp_onnx.xp import to_numpy
+
+if TYPE_CHECKING:
+    from cfp_onnx.api import Explainer
+
+OPSET = 17
+LABEL_INPUT = "cfp_explain_label"
+LABEL = "cfp_label"
+TUBE = "cfp_class_tube"
+METADATA = "cfp.embedded"
+NEG = -np.inf
+
+
+def depth_name(layer: str) -> str:
+    return f"cfp_depth:{layer}"
+
+
+def relevance_name(layer: str) -> str:
+    return f"cfp_relevance:{layer}"
+
+
+@dataclass(frozen=True)
+class EmbedInfo:
+    """What an embedded model's extra outputs are (stored as ``cfp.embedded`` metadata)."""
+
+    depth: int
+    theta: float
+    top_n: int | None
+    head_mode: str
+    class_tube: str | None
+    clip_size: tuple[int, int, int]  # (T, H, W) of the class tube
+    layers: tuple[str, ...]  # pyramid layers, topological order
+
+    def to_json(self) -> str:
+        return json.dumps({**self.__dict__, "clip_size": list(self.clip_size)})
+
+    @classmethod
+    def of(cls, proto: onnx.ModelProto) -> EmbedInfo | None:
+        """The model's embedding, or None when it has none."""
+        text = next((p.value for p in proto.metadata_props if p.key == METADATA), None)
+        if text is None:
+            return None
+        try:
+            d = json.loads(text)
+            return cls(
+                int(d["depth"]), float(d["theta"]), d["top_n"], str(d["head_mode"]),
+                d["class_tube"], tuple(int(s) for s in d["clip_size"]),  # type: ignore[arg-type]
+                tuple(str(s) for s in d["layers"]),
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(
+                f"metadata {METADATA!r} is malformed ({exc}); re-run cfp embed"
+            ) from None
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        names = [LABEL]
+        for layer in self.layers:
+            names += [depth_name(layer), relevance_name(layer)]
+        return (*names, *([TUBE] if self.class_tube else []))
+
+
+class _Ops:
+    """Appends nodes to a graphsurgeon graph: ``ops("Mul", a, b)`` returns the output."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.count = 0
+
+    def _name(self, what: str) -> str:
+        self.count += 1
+        return f"cfp/{what}_{self.count}"
+
+    def const(self, value: Any, dtype: Any = None) -> gs.Constant:
+        return gs.Constant(self._name("c"), np.asarray(value, dtype=dtype))
+
+    def __call__(self, op: str, *inputs: Any, dtype: Any = None, **attrs: Any) -> gs.Variable:
+        ins = [x if isinstance(x, gs.Tensor) else self.const(x) for x in inputs]
+        out = gs.Variable(self._name(op), dtype=dtype)
+        self.graph.nodes.append(
+            gs.Node(op, name=self._name(op), attrs=attrs, inputs=ins, outputs=[out])
+        )
+        return out
+
+    def reduce(self, op: str, x: Any, axes: Sequence[int], keepdims: bool = False) -> gs.Variable:
+        """ReduceMax/Min/Mean/Sum over `axes` (opset 17: axes an attribute but for Sum)."""
+        if op == "ReduceSum":
+            return self(op, x, np.asarray(axes, np.int64), keepdims=int(keepdims))
+        return self(op, x, axes=list(axes), keepdims=int(keepdims))
+
+    def unsqueeze(self, x: Any, axes: Sequence[int]) -> gs.Variable:
+        return self("Unsqueeze", x, np.asarray(axes, np.int64))
+
+    def reshape(self, x: Any, shape: Sequence[int]) -> gs.Variable:
+        return self("Reshape", x, np.asarray(shape, np.int64))
+
+    def minmax(self, r: Any, axis: int) -> gs.Variable:
+        """``relevance.minmax`` along `axis`: a constant row normalises to ones."""
+        lo = self.reduce("ReduceMin", r, [axis], keepdims=True)
+        span = self("Sub", self.reduce("ReduceMax", r, [axis], keepdims=True), lo)
+        flat = self("Equal", span, np.float64(0))
+        scaled = self("Div", self("Sub", r, lo), self("Where", flat, np.float64(1), span))
+        return self("Where", flat, np.float64(1), scaled)
+
+    def select(self, scores: Any, width: int, theta: float, top_n: int | None) -> gs.Variable:
+        """``relevance.select`` along the last axis: ``>= theta``, then the top_n largest."""
+        keep = self("GreaterOrEqual", scores, np.float64(theta))
+        if top_n is None or top_n >= width:
+            return keep
+        masked = self("Where", keep, scores, np.float64(NEG))
+        top = gs.Variable(self._name("TopK"), dtype=np.float64)
+        idx = gs.Variable(self._name("TopKi"), dtype=np.int64)
+        self.graph.nodes.append(
+            gs.Node(
+                "TopK", name=self._name("TopK"), attrs={"axis": -1, "largest": 1, "sorted": 1},
+                inputs=[masked, self.const([top_n], np.int64)], outputs=[top, idx],
+            )
+        )  # fmt: skip
+        zeros = self("ConstantOfShape", self("Shape", scores), value=_scalar_tensor(0.0))
+        ones = self("ConstantOfShape", self("Shape", idx), value=_scalar_tensor(1.0))
+        chosen = self("ScatterElements", zeros, idx, ones, axis=-1)
+        return self("And", keep, self("Greater", chosen, np.float64(0)))
+
+
+def _scalar_tensor(v: float) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.asarray([v], np.float64))
+
+
+def _padded(n_rows: int, row: np.ndarray, pos: np.ndarray, sentinel: int) -> np.ndarray:
+    """``[n_rows, k]`` table: row r lists the positions paired with it, padded by `sentinel`."""
+    order = np.argsort(row, kind="stable")
+    row, pos = row[order], pos[order]
+    counts = np.bincount(row, minlength=n_rows)
+    width = int(counts.max()) if len(row) else 0
+    out = np.full((n_rows, width), sentinel, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out[row, np.arange(len(row)) - starts[row]] = pos
+    return out
+
+
+def _pairs(indptr: np.ndarray, kernels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(channel, kernel id) of every entry of a provenance CSR."""
+    return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)), np.asarray(kernels, np.int64)
+
+
+class _Builder:
+    """One embedding: the explainer's analysis, turned into nodes."""
+
+    def __init__(self, ex: Explainer, graph: gs.Graph, opts: PyramidOptions) -> None:
+        self.ex, self.opts = ex, opts
+        self.ops = _Ops(graph)
+        self.tensors = graph.tensors()
+        levels = ex.levels(opts.depth)
+        self.levels = [lv.tolist() for lv in levels]
+        self.layers = sorted({int(i) for lv in self.levels for i in lv})
+        offsets = ex.provenance.offsets
+        sizes = [ex.layers[i].c_out for i in self.layers]
+        self.local = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.n = int(self.local[-1])
+        self.to_local = np.full(ex.provenance.space.size, -1, dtype=np.int64)
+        for k, li in enumerate(self.layers):
+            self.to_local[offsets[li] : offsets[li + 1]] = np.arange(
+                self.local[k], self.local[k + 1]
+            )
+        self.slot = {li: k for k, li in enumerate(self.layers)}
+        self._scores: dict[int, tuple[gs.Variable, gs.Variable]] = {}
+        self._pooled: dict[str, gs.Variable] = {}
+
+    # ----------------------------------------------------------------- inputs
+
+    def pooled(self, tensor: str, keep: Sequence[int]) -> gs.Variable:
+        """Mean in float64 over every axis but `keep` (the taps the host reads)."""
+        key = f"{tensor}|{list(keep)}"
+        if key not in self._pooled:
+            x = self.tensors[tensor]
+            rank = len(self.ex.graph.shape(tensor))
+            axes = [a for a in range(rank) if a not in keep]
+            d = self.ops("Cast", x, to=onnx.TensorProto.DOUBLE, dtype=np.float64)
+            self._pooled[key] = self.ops.reduce("ReduceMean", d, axes) if axes else d
+        return self._pooled[key]
+
+    def label(self) -> tuple[gs.Variable, gs.Variable]:
+        """(label [N], logits [N, classes]) and the optional label input."""
+        ops = self.ops
+        logits = ops("Flatten", self.tensors[self.ex.head.logits], axis=1)
+        pred = ops("ArgMax", logits, axis=1, keepdims=0, dtype=np.int64)
+        given = gs.Variable(LABEL_INPUT, dtype=np.int64, shape=[])
+        ops.graph.inputs.append(given)  # its default (-1) is an initializer of that name
+        label = ops("Where", ops("Less", given, np.int64(0)), pred, given, dtype=np.int64)
+        return label, logits
+
+    # ----------------------------------------------------------------- head
+
+    def head(self, label: gs.Variable) -> tuple[gs.Variable, gs.Variable]:
+        """(scores [N, F], kept mask [N, F]) for `label` (SPEC §4)."""
+        ex, ops, o = self.ex, self.ops, self.opts
+        w = np.asarray(ex.head.weight, np.float64)
+        if o.head_mode == "weights":
+            scores = ops("Gather", minmax(np, w, axis=None), label, axis=0)
+        else:
+            feats = self.features()
+            table = w if o.head_mode == "contribution" else _contrastive(w)
+            scores = ops.minmax(ops("Mul", ops("Gather", table, label, axis=0), feats), 1)
+        return scores, ops.select(scores, w.shape[1], o.theta, o.top_n)
+
+    def features(self) -> gs.Variable:
+        h = self.ex.head
+        if h.feature_axis == 0:
+            raise ModelError(
+                f"the classifier {h.node!r} reads features along axis 0 (no batch axis); "
+                "cfp embed needs the batch axis first"
+            )
+        return self.pooled(h.input, [0, h.feature_axis])
+
+    def head_index(self) -> np.ndarray:
+        csr = self.ex.head_csr
+        f, k = _pairs(csr.indptr, csr.kernels)
+        k = self.to_local[k]
+        return _padded(self.n, k[k >= 0], f[k >= 0], len(csr.indptr) - 1)
+
+    def gather_max(self, values: gs.Variable, table: np.ndarray, axis: int) -> gs.Variable:
+        """Per row of `table`, the largest of ``values`` at its positions (-inf padded)."""
+        ops = self.ops
+        pad_shape = [1] * (axis + 1)
+        pad = ops(
+            "Expand",
+            np.full(pad_shape, NEG),
+            ops("Concat", ops("Shape", values, end=axis), np.ones(1, np.int64), axis=0),
+        )
+        padded = ops("Concat", values, pad, axis=axis)
+        return ops.reduce("ReduceMax", ops("Gather", padded, table, axis=axis), [axis + 1])
+
+    # ----------------------------------------------------------------- back-step
+
+    def scores(self, li: int) -> tuple[gs.Variable, gs.Variable]:
+        """(r' [N, C_out, C_in/g], kept mask) of every kernel of layer `li`."""
+        if li not in self._scores:
+            ops, lay = self.ops, self.ex.layers[li]
+            kbar = np.asarray(to_numpy(self.ex.step(li).kbar), np.float64)
+            c_out, per_group = kbar.shape
+            a = self.pooled(lay.input, [0, 1])  # [N, C_in]
+            if lay.group == 1:
+                acts = ops.unsqueeze(a, [1])
+            else:
+                q = np.arange(c_out) // (c_out // lay.group)
+                acts = ops("Gather", ops.reshape(a, [0, lay.group, per_group]), q, axis=1)
+            r = ops.minmax(ops("Mul", kbar, acts), 2)
+            self._scores[li] = (r, ops.select(r, per_group, self.opts.theta, self.opts.top_n))
+        return self._scores[li]
+
+    def column_best(self, li: int, frontier: gs.Variable) -> gs.Variable:
+        """``[N, C_in]``: per input channel, the largest kept r' over the frontier's kernels."""
+        ops, lay = self.ops, self.ex.layers[li]
+        k = self.slot[li]
+        rows = ops(
+            "Slice",
+            frontier,
+            self.local[k : k + 1],
+            self.local[k + 1 : k + 2],
+            np.ones(1, np.int64),
+        )
+        r, keep = self.scores(li)
+        sel = ops("And", keep, ops.unsqueeze(rows, [2]))
+        vals = ops("Where", sel, r, np.float64(NEG))
+        per_group = lay.c_in // lay.group
+        grouped = ops.reshape(vals, [0, lay.group, lay.c_out // lay.group, per_group])
+        return ops.reshape(ops.reduce("ReduceMax", grouped, [2]), [0, lay.c_in])
+
+    def level_index(self, layers: list[int]) -> tuple[np.ndarray, list[int]]:
+        """The children table of one level: local kernel -> positions in its channel vector."""
+        rows, pos, widths, base = [], [], [], 0
+        for li in layers:
+            csr = self.ex.input_csr(li)
+            c, k = _pairs(csr.indptr, csr.kernels)
+            k = self.to_local[k]
+            rows.append(k[k >= 0])
+            pos.append(c[k >= 0] + base)
+            widths.append(self.ex.layers[li].c_in)
+            base += self.ex.layers[li].c_in
+        row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        p = np.concatenate(pos) if pos else np.zeros(0, np.int64)
+        return _padded(self.n, row, p, base), widths
+
+    def build(self) -> dict[str, gs.Variable]:
+        ops, o = self.ops, self.opts
+        label, _ = self.label()
+        scores, keep = self.head(label)
+        head_rel = self.gather_max(
+            ops("Where", keep, scores, np.float64(NEG)), self.head_index(), 1
+        )
+        in_head = ops("Greater", head_rel, np.float64(NEG))
+        depth = ops("Where", in_head, np.int64(0), np.int64(-1), dtype=np.int64)
+        frontier, incoming = in_head, None
+        for d in range(o.depth - 1):
+            layers = [li for li in self.levels[d] if li in self.slot]
+            table, _ = self.level_index(layers)
+            if table.shape[1] == 0 or not layers:
+                break
+            best = [self.column_best(li, frontier) for li in layers]
+            values = best[0] if len(best) == 1 else ops("Concat", *best, axis=1)
+            cand = self.gather_max(values, table, 1)
+            incoming = cand if incoming is None else ops("Max", incoming, cand)
+            fresh = ops(
+                "And", ops("Greater", cand, np.float64(NEG)), ops("Less", depth, np.int64(0))
+            )
+            depth = ops("Where", fresh, np.int64(d + 1), depth, dtype=np.int64)
+            frontier = fresh
+        rel = (
+            head_rel
+            if incoming is None
+            else ops("Where", ops("Equal", depth, np.int64(0)), head_rel, incoming)
+        )
+        rel = ops("Where", ops("Less", depth, np.int64(0)), np.float64(0), rel, dtype=np.float64)
+        outs = {LABEL: ops("Identity", label, dtype=np.int64)}
+        for k, li in enumerate(self.layers):
+            lo, hi = self.local[k : k + 1], self.local[k + 1 : k + 2]
+            name = self.ex.layers[li].node
+            outs[depth_name(name)] = ops(
+                "Slice", depth, lo, hi, np.ones(1, np.int64), dtype=np.int64
+            )
+            outs[relevance_name(name)] = ops(
+                "Slice", rel, lo, hi, np.ones(1, np.int64), dtype=np.float64
+            )
+        self.depth, self.head_rel = depth, head_rel
+        return outs
+
+
+def _contrastive(w: np.ndarray) -> np.ndarray:
+    """``W[k] - mean over j != k of W[j]`` for every class k, as ``head_scores`` computes it."""
+    out = np.empty_like(w)
+    for k in range(len(w)):
+        out[k] = w[k] - np.concatenate([w[:k], w[k + 1 :]]).mean(axis=0)
+    return out
+
+
+def embed(
+    explainer: Explainer,
+    options: PyramidOptions | None = None,
+    *,
+    class_tube: str | None = None,
+    clip_size: tuple[int, int, int] | None = None,
+) -> tuple[onnx.ModelProto, EmbedInfo]:
+    """The explainer's model with the pyramid (and class tube) as extra outputs.
+
+    The model's own outputs come first and are computed by the same nodes as before.
+    Weights are copied into the returned model (it stands alone).
+
+    Raises:
+        OptionError: a label in `options` (the label is an input of the embedded model),
+            an unknown class tube, or a class tube without `clip_size`.
+        ModelError: the model cannot carry the embedding (see the message).
+    """
+    ex = explainer
+    opts = options or PyramidOptions()
+    if opts.label is not None:
+        raise OptionError(
+            "cfp embed explains the prediction, or the class fed to the input "
+            f"{LABEL_INPUT!r} at run time; drop --label"
+        )
+    if class_tube is not None and class_tube not in CLASS_TUBES:
+        raise OptionError(
+            f"class tube must be one of {', '.join(CLASS_TUBES)} (got {class_tube!r})"
+        )
+    if class_tube is not None and clip_size is None:
+        raise OptionError("a class tube needs the clip size (T, H, W)")
+    proto = _at_opset(ex.loaded.proto)
+    graph = gs.import_onnx(proto)
+    b = _Builder(ex, graph, ex.options(opts, {}))
+    outs = b.build()
+    if class_tube is not None:
+        assert clip_size is not None
+        outs[TUBE] = _ClassTube(b, class_tube, clip_size).build()
+    for name, var in outs.items():
+        var.name = name
+        graph.outputs.append(var)
+    model = gs.export_onnx(graph, do_type_check=False)
+    # an initializer named like a graph input is that input's default (IR >= 4)
+    model.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.asarray(-1, np.int64), LABEL_INPUT)
+    )
+    model.ir_version = max(proto.ir_version, 8)
+    del model.opset_import[:]
+    model.opset_import.extend(proto.opset_import)
+    _inline_weights(model, ex)
+    info = EmbedInfo(
+        opts.depth, float(opts.theta), opts.top_n, opts.head_mode, class_tube,
+        tuple(clip_size or (0, 0, 0)),  # type: ignore[arg-type]
+        tuple(ex.layers[i].node for i in b.layers),
+    )  # fmt: skip
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in proto.metadata_props}, METADATA: info.to_json()}
+    )
+    return model, info
+
+
+def _at_opset(proto: onnx.ModelProto) -> onnx.ModelProto:
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset == OPSET:
+        return proto
+    if opset > OPSET:
+        raise ModelError(f"model is at opset {opset}; cfp embed writes opset {OPSET} graphs")
+    try:
+        from onnx import version_converter
+
+        return version_converter.convert_version(proto, OPSET)
+    except Exception as exc:
+        raise ModelError(
+            f"could not convert the model from opset {opset} to {OPSET} ({type(exc).__name__}); "
+            f"re-export it at opset {OPSET}"
+        ) from None
+
+
+def _inline_weights(model: onnx.ModelProto, ex: Explainer) -> None:
+    """Copy every external initializer's bytes into `model` (the output stands alone)."""
+    for t in model.graph.initializer:
+        ext = ex.loaded.external.get(t.name)
+        if ext is None:
+            continue
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = np.ascontiguousarray(ext.read()).tobytes()
+
+
+class _ClassTube:
+    """The class tube (cfp_onnx.classtube) from the depth-0 kernels' maps, in the graph."""
+
+    def __init__(self, b: _Builder, kind: str, size: tuple[int, int, int]) -> None:
+        self.b, self.kind, self.size = b, kind, tuple(int(s) for s in size)
+
+    def weights(self) -> gs.Variable:
+        """``[N, K]`` float64: each kernel's weight in the tube (its depth-0 relevance)."""
+        b = self.b
+        ops = b.ops
+        own = ops("Where", ops("Equal", b.depth, np.int64(0)), b.head_rel, np.float64(0))
+        if self.kind == "weighted":
+            return own
+        return ops("Sub", own, self.class_mean())
+
+    def class_mean(self) -> gs.Variable:
+        """Mean over every class k of its depth-0 relevances (0 outside its depth-0 set)."""
+        b, ops, o = self.b, self.b.ops, self.b.opts
+        w = np.asarray(b.ex.head.weight, np.float64)
+        table = b.head_index()
+        classes, f = w.shape
+        if o.head_mode == "weights":  # does not depend on the clip: a constant
+            scores = minmax(np, w, axis=None)
+            vals = np.where(select(np, scores, o.theta, o.top_n), scores, NEG)
+            padded = np.concatenate([vals, np.full((classes, 1), NEG)], axis=1)
+            rel = padded[:, table].max(axis=2) if table.shape[1] else np.full((classes, b.n), NEG)
+            return ops.const(np.where(rel > NEG, rel, 0.0).mean(axis=0)[None, :])
+        base = w if o.head_mode == "contribution" else _contrastive(w)
+        scores = ops.minmax(ops("Mul", base[None], ops.unsqueeze(b.features(), [1])), 2)
+        keep = ops.select(scores, f, o.theta, o.top_n)
+        rel = b.gather_max(ops("Where", keep, scores, np.float64(NEG)), table, 2)
+        rel = ops("Where", ops("Greater", rel, np.float64(NEG)), rel, np.float64(0))
+        return ops.reduce("ReduceMean", rel, [1])
+
+    def build(self) -> gs.Variable:
+        b, ops = self.b, self.b.ops
+        ex = b.ex
+        weight = self.weights()
+        expanded = b.opts.depth >= 2
+        map_out = set(ex.map_tensors(b.opts.depth))
+        parts: dict[tuple[int, int, int], list[gs.Variable]] = {}
+        for li in b.levels[0]:
+            lay = ex.layers[li]
+            k = b.slot[li]
+            w = ops(
+                "Slice", weight, b.local[k : k + 1], b.local[k + 1 : k + 2], np.ones(1, np.int64)
+            )
+            if expanded:
+                _, keep = b.scores(li)
+                keepf = ops("Cast", keep, to=onnx.TensorProto.DOUBLE)
+                use_in = self.reads_input(li, keep, map_out)
+                w_in = w if use_in is None else ops("Where", use_in, w, np.float64(0))
+                per_group = lay.c_in // lay.group
+                rows = ops.reshape(
+                    ops.unsqueeze(w_in, [2]), [0, lay.group, lay.c_out // lay.group, 1]
+                )
+                u = ops.reduce(
+                    "ReduceSum",
+                    ops(
+                        "Mul",
+                        rows,
+                        ops.reshape(keepf, [0, lay.group, lay.c_out // lay.group, per_group]),
+                    ),
+                    [2],
+                )
+                self.add(parts, lay.input, ops.reshape(u, [0, lay.c_in]))
+                if use_in is not None:
+                    self.add(parts, lay.output, ops("Where", use_in, np.float64(0), w))
+            else:
+                self.add(parts, lay.output, w)
+        size = self.size
+        total = None
+        for shape, maps in parts.items():
+            m = maps[0]
+            for extra in maps[1:]:
+                m = ops("Add", m, extra)
+            up = self.upsample(m, shape, size)
+            total = up if total is None else ops("Add", total, up)
+        if total is None:  # an empty head: a zero tube
+            return ops(
+                "ConstantOfShape",
+                ops("Concat", ops("Shape", b.depth, end=1), np.asarray(size, np.int64), axis=0),
+                value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)),
+                dtype=np.float32,
+            )
+        return ops("Identity", total, dtype=np.float32)
+
+    def reads_input(self, li: int, keep: gs.Variable, map_out: set[str]) -> gs.Variable | None:
+        """Which depth-0 kernels show their kept inputs (`tubes.selections`); None: all do."""
+        b, ops = self.b, self.b.ops
+        lay = b.ex.layers[li]
+        csr = b.ex.input_csr(li)
+        carries = np.diff(csr.indptr) > 0
+        if lay.output not in map_out:
+            return None  # no output map: every kernel shows its kept inputs
+        per_group = lay.c_in // lay.group
+        q = np.arange(lay.c_out) // (lay.c_out // lay.group)
+        hp = carries[q[:, None] * per_group + np.arange(per_group)[None, :]]
+        if hp.all():
+            return None  # every kept channel carries a kernel: every kernel has children
+        has = ops.reduce(
+            "ReduceMax", ops("Cast", ops("And", keep, hp), to=onnx.TensorProto.DOUBLE), [2]
+        )
+        return ops("Greater", has, np.float64(0))
+
+    def add(
+        self, parts: dict[tuple[int, int, int], list[gs.Variable]], tensor: str, weight: gs.Variable
+    ) -> None:
+        """Add ``weight @ tensor`` (``[N, t, h, w]``) to the maps of its resolution."""
+        ops = self.b.ops
+        shape = self.b.ex.graph.shape(tensor)
+        c = int(shape[1])
+        thw = tuple(int(s) for s in shape[2:])
+        thw = (1,) * (3 - len(thw)) + thw
+        x = ops.reshape(self.b.tensors[tensor], [0, c, -1])
+        w32 = ops.unsqueeze(ops("Cast", weight, to=onnx.TensorProto.FLOAT), [1])
+        m = ops.reshape(ops("MatMul", w32, x), [0, *thw])
+        parts.setdefault(thw, []).append(m)  # type: ignore[arg-type]
+
+    def upsample(
+        self, m: gs.Variable, shape: tuple[int, int, int], size: tuple[int, ...]
+    ) -> gs.Variable:
+        """``tubes.upsample``: three matrix products with the same interpolation matrices."""
+        ops = self.b.ops
+        (t, h, w), (big_t, big_h, big_w) = shape, size
+        x = ops("MatMul", m, linear_matrix(w, big_w).T.copy())
+        x = ops("MatMul", linear_matrix(h, big_h), x)
+        x = ops("MatMul", linear_matrix(t, big_t), ops.reshape(x, [0, t, big_h * big_w]))
+        return ops.reshape(x, [0, big_t, big_h, big_w])
