@@ -83,7 +83,7 @@ class Explainer:
         proto = analysis_proto(self.loaded, self.input_shape)
         self.graph = graph_mod.parse(proto, self.loaded.external)
         del proto
-        self.head = graph_mod.find_head(self.graph, output)
+        self.head = graph_mod.find_head(self.graph, output or _own_output(self.loaded.proto))
         self.layers = graph_mod.find_layers(self.graph, self.head)
         self.layer_index = {layer.node: i for i, layer in enumerate(self.layers)}
         self.provenance: Provenance = trace(self.graph, self.layers, self.head)
@@ -370,6 +370,17 @@ class Explainer:
                 injective,
             )
         return self._steps[layer]
+
+
+def _own_output(proto: onnx.ModelProto) -> str | None:
+    """In a model `cfp embed` wrote, the first of the model's own outputs (else None)."""
+    from cfp_onnx.embed import EmbedInfo
+
+    info = EmbedInfo.of(proto)
+    if info is None:
+        return None
+    added = set(info.outputs)
+    return next((o.name for o in proto.graph.output if o.name not in added), None)
 
 
 def load_array(clip: Any) -> np.ndarray:

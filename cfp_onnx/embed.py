@@ -22,8 +22,10 @@ rows of the kernels it expands (Compress by the batch's frontier), as the host d
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +33,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from cfp_onnx.errors import ModelError, OptionError
-from cfp_onnx.options import CLASS_TUBES, PyramidOptions
+from cfp_onnx.loading import LoadedModel, declared_shape, graph_input, load_model
+from cfp_onnx.options import CLASS_TUBES, ClipOptions, PyramidOptions, as_options, as_path
 from cfp_onnx.relevance import minmax, select
 from cfp_onnx.tubes import linear_matrix
 from cfp_onnx.xp import to_numpy
@@ -87,6 +90,24 @@ class EmbedInfo:
             raise ModelError(
                 f"metadata {METADATA!r} is malformed ({exc}); re-run cfp embed"
             ) from None
+
+    def lines(self) -> list[str]:
+        """What `cfp inspect` prints about the embedding."""
+        top = f", top-n {self.top_n}" if self.top_n is not None else ""
+        tube = (
+            f"  {TUBE} [N, {', '.join(map(str, self.clip_size))}] float32: the {self.class_tube} "
+            "class tube"
+        )
+        return [
+            f"embedded explanation (cfp embed): depth {self.depth}, theta {self.theta}, head "
+            f"mode {self.head_mode}{top}",
+            f"  input {LABEL_INPUT} int64 scalar: the class to explain (default -1: the prediction)",
+            f"  {LABEL} [N] int64: the explained class",
+            f"  {depth_name('LAYER')} [N, C_out] int64 (-1: not in the pyramid) and "
+            f"{relevance_name('LAYER')} [N, C_out] float64, for {len(self.layers)} layers:",
+            *[f"    {name}" for name in self.layers],
+            *([tube] if self.class_tube else []),
+        ]
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -586,3 +607,70 @@ class _ClassTube:
         x = ops("MatMul", linear_matrix(h, big_h), x)
         x = ops("MatMul", linear_matrix(t, big_t), ops.reshape(x, [0, t, big_h * big_w]))
         return ops.reshape(x, [0, big_t, big_h, big_w])
+
+
+def clip_geometry(
+    loaded: LoadedModel, clips: ClipOptions | None = None
+) -> tuple[tuple[int, ...], tuple[int, int, int]]:
+    """(model input shape with batch 1, clip size (T, H, W)): from the declared input, or
+    the clip options and metadata where the model's own dims are dynamic.
+
+    Raises:
+        OptionError: a dynamic dim nothing gives (say which options fix it).
+    """
+    from cfp_onnx.modelinput import ModelInput
+
+    mi = ModelInput.of(loaded, clips)
+    declared = declared_shape(graph_input(loaded.proto))
+    rank5 = len(declared) == 5
+    if not rank5:
+        raise ModelError(
+            f"the model's input has rank {len(declared)}; cfp embed needs a video clip input (rank 5)"
+        )
+    c_axis, axes = (1, (2, 3, 4)) if mi.layout == "NCDHW" else (4, (1, 2, 3))
+    dims = [d if isinstance(d, int) and d > 0 else None for d in declared]
+    dims[0] = 1
+    pre = mi.preprocess
+    if pre is not None:
+        dims[axes[0]] = pre.frames
+        if pre.size is not None:
+            dims[axes[1]], dims[axes[2]] = pre.size
+    if dims[c_axis] is None:
+        dims[c_axis] = 3
+    missing = [name for name, a in zip(("--frames", "--size", "--size"), axes) if dims[a] is None]
+    if missing:
+        raise OptionError(
+            f"the model's input {tuple(declared)} has dynamic dims; give {missing[0]} so the "
+            "class tube and the analysis have a clip size"
+        )
+    shape = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    return shape, (shape[axes[0]], shape[axes[1]], shape[axes[2]])
+
+
+def embed_to(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    options: PyramidOptions | None = None,
+    *,
+    class_tube: str | None = None,
+    clip_options: ClipOptions | None = None,
+    logits: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, EmbedInfo]:
+    """What ``cfp embed`` does: analyse `model`, write the embedded model to `output`.
+
+    The file appears whole or not at all; the model and its external data files are never
+    replaced, ``--overwrite`` or not.
+    """
+    from cfp_onnx.api import Explainer
+    from cfp_onnx.outputs import guard, write_file
+
+    opts = as_options(options, PyramidOptions, "options")
+    loaded = load_model(model)
+    protect = [loaded.path, *{e.file for e in loaded.external.values()}]
+    guard(as_path(output, "output must be a path to a .onnx file"), protect, flag="-o")
+    shape, size = clip_geometry(loaded, clip_options)
+    ex = Explainer(loaded, clip_shape=shape, output=logits)
+    proto, info = embed(ex, opts, class_tube=class_tube, clip_size=size)
+    data = proto.SerializeToString()  # refuses a model over 2 GB: onnx's own limit
+    return write_file(output, lambda p: p.write_bytes(data), overwrite=overwrite), info

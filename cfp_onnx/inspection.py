@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cfp_onnx.api import Explainer
+from cfp_onnx.embed import EmbedInfo
 from cfp_onnx.errors import UnsupportedOpError
 from cfp_onnx.loading import LoadedModel, declared_shape, graph_input, load_model
 from cfp_onnx.modelinfo import class_names, guess_layout
@@ -39,6 +40,7 @@ class ModelReport:
     layers: tuple[LayerInfo, ...]
     merges: tuple[tuple[str, str, int], ...]  # (op, node, number of conv-carrying inputs)
     unsupported: tuple[str, ...] = field(default=())
+    embedded: EmbedInfo | None = None  # what `cfp embed` added, if it made this file
 
     def lines(self) -> list[str]:
         out = [
@@ -64,6 +66,8 @@ class ModelReport:
         out.append(f"residual/element-wise merges: {len(residual)}; branch concats: {len(concat)}")
         for op, node, n in self.merges:
             out.append(f"  {op} {node}: joins {n} conv paths")
+        if self.embedded is not None:
+            out += self.embedded.lines()
         if self.unsupported:
             out.append("unsupported ops on the pyramid's paths:")
             out += [f"  {u}" for u in self.unsupported]
@@ -77,6 +81,7 @@ def inspect_model(
 ) -> ModelReport:
     """Analyse a model at batch 1 without running it."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    embedded = EmbedInfo.of(loaded.proto)
     ex = Explainer(loaded, output=output)
     vi = graph_input(loaded.proto)
     shape = declared_shape(vi)
@@ -109,6 +114,7 @@ def inspect_model(
         layers=tuple(layers),
         merges=tuple(_merges(ex)),
         unsupported=tuple(dict.fromkeys(unsupported)),
+        embedded=embedded,
     )
 
 

@@ -79,7 +79,7 @@ def check_target(
     return dest
 
 
-def guard(path: Path, protect: Iterable[Any] = ()) -> Path:
+def guard(path: Path, protect: Iterable[Any] = (), flag: str = "--out") -> Path:
     """`path` resolved, unless it is or holds the current folder, ``/`` or a protected path.
 
     Raises:
@@ -92,8 +92,8 @@ def guard(path: Path, protect: Iterable[Any] = ()) -> Path:
         if held == dest or dest in held.parents:
             what = "the current folder" if held == here else f"{str(q)!r}"
             raise OutputError(
-                f"--out {str(path)!r} is or holds {what}, which cfp must not replace; choose "
-                "a new folder for the results"
+                f"{flag} {str(path)!r} is or holds {what}, which cfp must not replace; choose "
+                "another path for the results"
             )
     return dest
 

@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TextIO
 from cfp_onnx import __version__
 from cfp_onnx.errors import CfpError
 
-SUBCOMMANDS = ("explain", "inspect", "export", "compare", "demo", "batch")
+SUBCOMMANDS = ("explain", "inspect", "export", "compare", "demo", "batch", "embed")
 INSTALL = {
     "onnxruntime": "pip install 'cfp_onnx[cpu]' (or 'cfp_onnx[gpu]' on a CUDA machine)",
     "torch": "pip install 'cfp_onnx[torch]'",
