@@ -427,8 +427,14 @@ def embed(
     if class_tube is not None:
         assert clip_size is not None
         outs[TUBE] = _ClassTube(b, class_tube, clip_size).build()
+    batch = declared_shape(graph_input(proto))[0]
+    n = batch if isinstance(batch, (int, str)) and batch not in (0, "") else "N"
+    shapes = {LABEL: [n], TUBE: [n, *(clip_size or ())]}
+    for li in b.layers:
+        lay = ex.layers[li]
+        shapes[depth_name(lay.node)] = shapes[relevance_name(lay.node)] = [n, lay.c_out]
     for name, var in outs.items():
-        var.name = name
+        var.name, var.shape = name, shapes[name]
         graph.outputs.append(var)
     model = gs.export_onnx(graph, do_type_check=False)
     # an initializer named like a graph input is that input's default (IR >= 4)
