@@ -268,7 +268,13 @@ def write_file(
     tmp = Path(name)
     try:
         permissions(tmp, folder=False)
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write {str(target)!r} ({exc.strerror or exc}); free some space or "
+                "choose another output"
+            ) from None
         _test_pause()
         with _deferred_signals():
             os.replace(tmp, dest)
