@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from cfp_onnx.api import Explainer
 
 OPSET = 17
+PRECISIONS = ("float64", "float32")
 LABEL_INPUT = "cfp_explain_label"
 LABEL = "cfp_label"
 TUBE = "cfp_class_tube"
@@ -69,6 +70,7 @@ class EmbedInfo:
     class_tube: str | None
     clip_size: tuple[int, int, int]  # (T, H, W) of the class tube
     layers: tuple[str, ...]  # pyramid layers, topological order
+    precision: str = "float64"  # the in-graph arithmetic
 
     def to_json(self) -> str:
         return json.dumps({**self.__dict__, "clip_size": list(self.clip_size)})
@@ -84,7 +86,7 @@ class EmbedInfo:
             return cls(
                 int(d["depth"]), float(d["theta"]), d["top_n"], str(d["head_mode"]),
                 d["class_tube"], tuple(int(s) for s in d["clip_size"]),  # type: ignore[arg-type]
-                tuple(str(s) for s in d["layers"]),
+                tuple(str(s) for s in d["layers"]), str(d.get("precision", "float64")),
             )  # fmt: skip
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(
@@ -104,7 +106,7 @@ class EmbedInfo:
             f"  input {LABEL_INPUT} int64 scalar: the class to explain (default -1: the prediction)",
             f"  {LABEL} [N] int64: the explained class",
             f"  {depth_name('LAYER')} [N, C_out] int64 (-1: not in the pyramid) and "
-            f"{relevance_name('LAYER')} [N, C_out] float64, for {len(self.layers)} layers:",
+            f"{relevance_name('LAYER')} [N, C_out] {self.precision}, for {len(self.layers)} layers:",
             *[f"    {name}" for name in self.layers],
             *([tube] if self.class_tube else []),
         ]
@@ -120,9 +122,12 @@ class EmbedInfo:
 class _Ops:
     """Appends nodes to a graphsurgeon graph: ``ops("Mul", a, b)`` returns the output."""
 
-    def __init__(self, graph: gs.Graph) -> None:
+    def __init__(self, graph: gs.Graph, real: Any, opset: int) -> None:
         self.graph = graph
         self.count = 0
+        self.opset = opset
+        self.real = np.dtype(real)  # the arithmetic's float type: float64, as on the host
+        self.real_onnx = onnx.helper.np_dtype_to_tensor_dtype(self.real)
 
     def _name(self, what: str) -> str:
         self.count += 1
@@ -132,16 +137,21 @@ class _Ops:
         return gs.Constant(self._name("c"), np.asarray(value, dtype=dtype))
 
     def __call__(self, op: str, *inputs: Any, dtype: Any = None, **attrs: Any) -> gs.Variable:
-        ins = [x if isinstance(x, gs.Tensor) else self.const(x) for x in inputs]
+        ins = [x if isinstance(x, gs.Tensor) else self.const(self.as_real(x)) for x in inputs]
         out = gs.Variable(self._name(op), dtype=dtype)
         self.graph.nodes.append(
             gs.Node(op, name=self._name(op), attrs=attrs, inputs=ins, outputs=[out])
         )
         return out
 
+    def as_real(self, x: Any) -> Any:
+        """Float constants in the arithmetic's type (the host's tables are float64)."""
+        arr = np.asarray(x)
+        return arr.astype(self.real) if arr.dtype == np.float64 else arr
+
     def reduce(self, op: str, x: Any, axes: Sequence[int], keepdims: bool = False) -> gs.Variable:
-        """ReduceMax/Min/Mean/Sum over `axes` (opset 17: axes an attribute but for Sum)."""
-        if op == "ReduceSum":
+        """ReduceMax/Min/Mean/Sum over `axes` (before opset 18 an attribute but for Sum)."""
+        if op == "ReduceSum" or self.opset >= 18:
             return self(op, x, np.asarray(axes, np.int64), keepdims=int(keepdims))
         return self(op, x, axes=list(axes), keepdims=int(keepdims))
 
@@ -158,7 +168,7 @@ class _Ops:
         flat = self("Equal", span, np.float64(0))
         scaled = self("Div", self("Sub", r, lo), self("Where", flat, np.float64(1), span))
         # a flat row is all zeros here (r == lo): adding 1 there, 0 elsewhere, is exact
-        return self("Add", scaled, self("Cast", flat, to=onnx.TensorProto.DOUBLE))
+        return self("Add", scaled, self("Cast", flat, to=self.real_onnx))
 
     def select(self, scores: Any, width: int, theta: float, top_n: int | None) -> gs.Variable:
         """``relevance.select`` along the last axis: ``>= theta``, then the top_n largest."""
@@ -166,7 +176,7 @@ class _Ops:
         if top_n is None or top_n >= width:
             return keep
         masked = self("Where", keep, scores, np.float64(NEG))
-        top = gs.Variable(self._name("TopK"), dtype=np.float64)
+        top = gs.Variable(self._name("TopK"), dtype=self.real)
         idx = gs.Variable(self._name("TopKi"), dtype=np.int64)
         self.graph.nodes.append(
             gs.Node(
@@ -174,14 +184,14 @@ class _Ops:
                 inputs=[masked, self.const([top_n], np.int64)], outputs=[top, idx],
             )
         )  # fmt: skip
-        zeros = self("ConstantOfShape", self("Shape", scores), value=_scalar_tensor(0.0))
-        ones = self("ConstantOfShape", self("Shape", idx), value=_scalar_tensor(1.0))
+        zeros = self("ConstantOfShape", self("Shape", scores), value=_scalar_tensor(0.0, self.real))
+        ones = self("ConstantOfShape", self("Shape", idx), value=_scalar_tensor(1.0, self.real))
         chosen = self("ScatterElements", zeros, idx, ones, axis=-1)
         return self("And", keep, self("Greater", chosen, np.float64(0)))
 
 
-def _scalar_tensor(v: float) -> onnx.TensorProto:
-    return onnx.numpy_helper.from_array(np.asarray([v], np.float64))
+def _scalar_tensor(v: float, dtype: Any) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.asarray([v], dtype))
 
 
 def _padded(n_rows: int, row: np.ndarray, pos: np.ndarray, sentinel: int) -> np.ndarray:
@@ -204,9 +214,11 @@ def _pairs(indptr: np.ndarray, kernels: np.ndarray) -> tuple[np.ndarray, np.ndar
 class _Builder:
     """One embedding: the explainer's analysis, turned into nodes."""
 
-    def __init__(self, ex: Explainer, graph: gs.Graph, opts: PyramidOptions) -> None:
+    def __init__(
+        self, ex: Explainer, graph: gs.Graph, opts: PyramidOptions, real: Any, opset: int
+    ) -> None:
         self.ex, self.opts = ex, opts
-        self.ops = _Ops(graph)
+        self.ops = _Ops(graph, real, opset)
         self.tensors = graph.tensors()
         levels = ex.levels(opts.depth)
         self.levels = [lv.tolist() for lv in levels]
@@ -234,7 +246,7 @@ class _Builder:
             x = self.tensors[tensor]
             rank = len(self.ex.graph.shape(tensor))
             axes = [a for a in range(rank) if a not in keep]
-            d = self.ops("Cast", x, to=onnx.TensorProto.DOUBLE, dtype=np.float64)
+            d = self.ops("Cast", x, to=self.ops.real_onnx, dtype=self.ops.real)
             self._pooled[key] = self.ops.reduce("ReduceMean", d, axes) if axes else d
         return self._pooled[key]
 
@@ -349,10 +361,10 @@ class _Builder:
         # kept one, with small masks instead of a Where over the score matrix (the values
         # that count are added 0: unchanged). Without top_n a kept entry is one >= theta,
         # so the column maximum is thresholded once afterwards, as on the host.
-        off = ops("Mul", ops("Cast", ops("Not", rows), to=onnx.TensorProto.DOUBLE), np.float64(-2))
+        off = ops("Mul", ops("Cast", ops("Not", rows), to=ops.real_onnx), np.float64(-2))
         vals = ops("Add", self.scores(li), self._kernel_major(li, off))
         if self.opts.top_n is not None:
-            dropped = ops("Cast", ops("Not", self.keep(li)), to=onnx.TensorProto.DOUBLE)
+            dropped = ops("Cast", ops("Not", self.keep(li)), to=ops.real_onnx)
             vals = ops("Add", vals, ops("Mul", dropped, np.float64(-2)))
         best = self._over_kernels(li, "ReduceMax", vals)
         keep = ops("GreaterOrEqual", best, np.float64(self.opts.theta))
@@ -402,7 +414,7 @@ class _Builder:
             if incoming is None
             else ops("Where", ops("Equal", depth, np.int64(0)), head_rel, incoming)
         )
-        rel = ops("Where", ops("Less", depth, np.int64(0)), np.float64(0), rel, dtype=np.float64)
+        rel = ops("Where", ops("Less", depth, np.int64(0)), np.float64(0), rel, dtype=ops.real)
         outs = {LABEL: ops("Identity", label, dtype=np.int64)}
         for k, li in enumerate(self.layers):
             lo, hi = self.local[k : k + 1], self.local[k + 1 : k + 2]
@@ -411,7 +423,7 @@ class _Builder:
                 "Slice", depth, lo, hi, np.ones(1, np.int64), dtype=np.int64
             )
             outs[relevance_name(name)] = ops(
-                "Slice", rel, lo, hi, np.ones(1, np.int64), dtype=np.float64
+                "Slice", rel, lo, hi, np.ones(1, np.int64), dtype=ops.real
             )
         self.depth, self.head_rel = depth, head_rel
         return outs
@@ -431,11 +443,16 @@ def embed(
     *,
     class_tube: str | None = None,
     clip_size: tuple[int, int, int] | None = None,
+    precision: str = "float64",
 ) -> tuple[onnx.ModelProto, EmbedInfo]:
     """The explainer's model with the pyramid (and class tube) as extra outputs.
 
     The model's own outputs come first and are computed by the same nodes as before.
-    Weights are copied into the returned model (it stands alone).
+    Weights are copied into the returned model (it stands alone). `precision` is the
+    in-graph arithmetic: ``float64`` as on the host (the same kernel sets; the default),
+    or ``float32`` for runtimes without doubles (TensorRT, WebGL/WebGPU): a kernel whose
+    score lies within float32 rounding of theta may then be kept where the host drops it,
+    or the reverse (tests/test_embed.py measures the bound).
 
     Raises:
         OptionError: a label in `options` (the label is an input of the embedded model),
@@ -455,9 +472,11 @@ def embed(
         )
     if class_tube is not None and clip_size is None:
         raise OptionError("a class tube needs the clip size (T, H, W)")
+    if precision not in PRECISIONS:
+        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     proto = _at_opset(ex.loaded.proto)
     graph = gs.import_onnx(proto)
-    b = _Builder(ex, graph, ex.options(opts, {}))
+    b = _Builder(ex, graph, ex.options(opts, {}), np.dtype(precision), _opset(proto))
     outs = b.build()
     if class_tube is not None:
         assert clip_size is not None
@@ -483,7 +502,7 @@ def embed(
     info = EmbedInfo(
         opts.depth, float(opts.theta), opts.top_n, opts.head_mode, class_tube,
         tuple(clip_size or (0, 0, 0)),  # type: ignore[arg-type]
-        tuple(ex.layers[i].node for i in b.layers),
+        tuple(ex.layers[i].node for i in b.layers), precision,
     )  # fmt: skip
     onnx.helper.set_model_props(
         model, {**{p.key: p.value for p in proto.metadata_props}, METADATA: info.to_json()}
@@ -491,12 +510,15 @@ def embed(
     return model, info
 
 
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def _at_opset(proto: onnx.ModelProto) -> onnx.ModelProto:
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset == OPSET:
+    """The model at opset >= 17 (older ones converted by onnx's version converter)."""
+    opset = _opset(proto)
+    if opset >= OPSET:
         return proto
-    if opset > OPSET:
-        raise ModelError(f"model is at opset {opset}; cfp embed writes opset {OPSET} graphs")
     try:
         from onnx import version_converter
 
@@ -545,7 +567,7 @@ class _ClassTube:
             vals = np.where(select(np, scores, o.theta, o.top_n), scores, NEG)
             padded = np.concatenate([vals, np.full((classes, 1), NEG)], axis=1)
             rel = padded[:, table].max(axis=2) if table.shape[1] else np.full((classes, b.n), NEG)
-            return ops.const(np.where(rel > NEG, rel, 0.0).mean(axis=0)[None, :])
+            return ops.const(ops.as_real(np.where(rel > NEG, rel, 0.0).mean(axis=0)[None, :]))
         base = w if o.head_mode == "contribution" else _contrastive(w)
         scores = ops.minmax(ops("Mul", base[None], ops.unsqueeze(b.features(), [1])), 2)
         keep = ops.select(scores, f, o.theta, o.top_n)
@@ -570,7 +592,7 @@ class _ClassTube:
                 keep = b.keep(li)
                 use_in = self.reads_input(li, keep, map_out)
                 w_in = w if use_in is None else ops("Where", use_in, w, np.float64(0))
-                kept = ops("Cast", keep, to=onnx.TensorProto.DOUBLE)
+                kept = ops("Cast", keep, to=ops.real_onnx)
                 u = b._over_kernels(li, "ReduceSum", ops("Mul", kept, b._kernel_major(li, w_in)))
                 self.add(parts, lay.input, u)
                 if use_in is not None:
@@ -608,7 +630,7 @@ class _ClassTube:
         if hp.all():
             return None  # every kept channel carries a kernel: every kernel has children
         layout = (lay.c_out, 1, per_group) if lay.group == 1 else (lay.group, -1, 1, per_group)
-        parent = ops("Cast", ops("And", keep, hp.reshape(layout)), to=onnx.TensorProto.DOUBLE)
+        parent = ops("Cast", ops("And", keep, hp.reshape(layout)), to=ops.real_onnx)
         rows = ops.reshape(ops.reduce("ReduceMax", parent, [-1]), [lay.c_out, -1])  # [C_out, N]
         return ops("Greater", ops("Transpose", rows, perm=[1, 0]), np.float64(0))
 
@@ -684,6 +706,7 @@ def embed_to(
     class_tube: str | None = None,
     clip_options: ClipOptions | None = None,
     logits: str | None = None,
+    precision: str = "float64",
     overwrite: bool = False,
 ) -> tuple[Path, EmbedInfo]:
     """What ``cfp embed`` does: analyse `model`, write the embedded model to `output`.
@@ -700,6 +723,6 @@ def embed_to(
     guard(as_path(output, "output must be a path to a .onnx file"), protect, flag="-o")
     shape, size = clip_geometry(loaded, clip_options)
     ex = Explainer(loaded, clip_shape=shape, output=logits)
-    proto, info = embed(ex, opts, class_tube=class_tube, clip_size=size)
+    proto, info = embed(ex, opts, class_tube=class_tube, clip_size=size, precision=precision)
     data = proto.SerializeToString()  # refuses a model over 2 GB: onnx's own limit
     return write_file(output, lambda p: p.write_bytes(data), overwrite=overwrite), info

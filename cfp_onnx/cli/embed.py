@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from cfp_onnx.cli.common import _float, _int, _pair
-from cfp_onnx.embed import LABEL_INPUT, embed_to
+from cfp_onnx.embed import LABEL_INPUT, PRECISIONS, embed_to
 from cfp_onnx.options import CLASS_TUBES, HEAD_MODES, LAYOUTS, ClipOptions, PyramidOptions
 
 
@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-n", type=_int("top-n"), help="keep at most N children per kernel")
     g.add_argument("--head-mode", choices=HEAD_MODES, default="weights", help="depth-0 scoring")
     g.add_argument("--class-tube", choices=CLASS_TUBES, help="also output this class tube")
+    g.add_argument(
+        "--precision", choices=PRECISIONS, default="float64",
+        help="in-graph arithmetic: float64 gives the host's kernel sets exactly (default); "
+        "float32 for runtimes without doubles (TensorRT, WebGL/WebGPU)",
+    )  # fmt: skip
     c = p.add_argument_group("clip (only where the model's input dims are dynamic)")
     c.add_argument("--layout", choices=LAYOUTS, help="model input layout (default: from the model)")
     c.add_argument("--frames", type=int, help="clip length")
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     clips = ClipOptions(layout=args.layout, frames=args.frames, size=args.size)
     path, info = embed_to(
         args.model, args.output, pyramid, class_tube=args.class_tube, clip_options=clips,
-        logits=args.logits, overwrite=args.overwrite,
+        logits=args.logits, precision=args.precision, overwrite=args.overwrite,
     )  # fmt: skip
     tube = f", cfp_class_tube {'x'.join(map(str, info.clip_size))}" if info.class_tube else ""
     print(
