@@ -163,16 +163,25 @@ class _Ops:
 
     def minmax(self, r: Any, axis: int) -> gs.Variable:
         """``relevance.minmax`` along `axis`: a constant row normalises to ones."""
+        scaled, flat = self.minmax_parts(r, axis)
+        # a flat row is all zeros in `scaled` (r == lo): adding 1 there, 0 elsewhere, is exact
+        return self("Add", scaled, self("Cast", flat, to=self.real_onnx))
+
+    def minmax_parts(self, r: Any, axis: int) -> tuple[gs.Variable, gs.Variable]:
+        """``(r - lo) / span`` with flat rows left at 0, and the flat-row mask (keepdims):
+        callers fold the flat rows' 1 into a later pass instead of a pass of their own."""
         lo = self.reduce("ReduceMin", r, [axis], keepdims=True)
         span = self("Sub", self.reduce("ReduceMax", r, [axis], keepdims=True), lo)
         flat = self("Equal", span, np.float64(0))
-        scaled = self("Div", self("Sub", r, lo), self("Where", flat, np.float64(1), span))
-        # a flat row is all zeros here (r == lo): adding 1 there, 0 elsewhere, is exact
-        return self("Add", scaled, self("Cast", flat, to=self.real_onnx))
+        return self("Div", self("Sub", r, lo), self("Where", flat, np.float64(1), span)), flat
 
-    def select(self, scores: Any, width: int, theta: float, top_n: int | None) -> gs.Variable:
-        """``relevance.select`` along the last axis: ``>= theta``, then the top_n largest."""
-        keep = self("GreaterOrEqual", scores, np.float64(theta))
+    def select(
+        self, scores: Any, width: int, theta: float, top_n: int | None, keep: Any = None
+    ) -> gs.Variable:
+        """``relevance.select`` along the last axis: ``>= theta`` (or `keep`, that mask
+        given), then the top_n largest."""
+        if keep is None:
+            keep = self("GreaterOrEqual", scores, np.float64(theta))
         if top_n is None or top_n >= width:
             return keep
         masked = self("Where", keep, scores, np.float64(NEG))
@@ -211,6 +220,17 @@ def _pairs(indptr: np.ndarray, kernels: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr)), np.asarray(kernels, np.int64)
 
 
+@dataclass
+class _Scores:
+    """One layer's r' for some of its kernels, kernel-major, and its kept mask once asked."""
+
+    layer: int
+    r: gs.Variable  # flat rows at 0
+    flat: gs.Variable  # [rows, N, 1] (grouped: [g, C_out/g, N, 1]) bool
+    rows: gs.Variable | None  # the kernels' ids in the layer (None: every kernel, in order)
+    keep: gs.Variable | None = None
+
+
 class _Builder:
     """One embedding: the explainer's analysis, turned into nodes."""
 
@@ -233,8 +253,7 @@ class _Builder:
                 self.local[k], self.local[k + 1]
             )
         self.slot = {li: k for k, li in enumerate(self.layers)}
-        self._scores: dict[int, gs.Variable] = {}
-        self._keep: dict[int, gs.Variable] = {}
+        self._scores: dict[tuple[int, str | None], _Scores] = {}
         self._pooled: dict[str, gs.Variable] = {}
 
     # ----------------------------------------------------------------- inputs
@@ -324,32 +343,58 @@ class _Builder:
         per_group = ops("Transpose", ops.reduce(op, x, [1]), perm=[1, 0, 2])  # [N, g, C_in/g]
         return ops.reshape(per_group, [0, lay.c_in])
 
-    def scores(self, li: int) -> gs.Variable:
-        """r' of every kernel of layer `li`, kernel-major (SPEC §3, as relevance.scores)."""
-        if li not in self._scores:
+    def rows_of(self, li: int, frontier: gs.Variable | None) -> gs.Variable | None:
+        """Kernel ids of `li` that `frontier` holds for any clip of the batch (None: all).
+
+        An ungrouped layer's scores are then computed for those rows only, as the host's
+        back-step does: a level expands its frontier, often half the layer or less.
+        Grouped layers keep every row (their score matrices are small)."""
+        if frontier is None or self.ex.layers[li].group != 1:
+            return None
+        ops, k = self.ops, self.slot[li]
+        one = np.ones(1, np.int64)
+        mask = ops("Slice", frontier, self.local[k : k + 1], self.local[k + 1 : k + 2], one)
+        anyone = ops.reduce("ReduceMax", ops("Cast", mask, to=onnx.TensorProto.INT32), [0])
+        return ops("Squeeze", ops("NonZero", anyone), np.zeros(1, np.int64))  # [R]
+
+    def scores(self, li: int, rows: gs.Variable | None = None) -> _Scores:
+        """r' of the kernels `rows` of layer `li` (None: all), kernel-major (SPEC §3, as
+        relevance.scores), flat rows (one input, or all equal: every r' is 1) left at 0."""
+        key = (li, None if rows is None else rows.name)
+        if key not in self._scores:
             ops, lay = self.ops, self.ex.layers[li]
             kbar = np.asarray(to_numpy(self.ex.step(li).kbar), np.float64)
             c_out, per_group = kbar.shape
             a = self.pooled(lay.input, [0, 1])  # [N, C_in]
             if lay.group == 1:
-                r = ops("Mul", kbar[:, None, :], a)
+                k = kbar[:, None, :] if rows is None else ops("Gather", kbar[:, None, :], rows)
+                r = ops("Mul", k, a)
             else:
                 g = lay.group
                 acts = ops.unsqueeze(
                     ops("Transpose", ops.reshape(a, [0, g, per_group]), perm=[1, 0, 2]), [1]
                 )  # [g, 1, N, C_in/g]
                 r = ops("Mul", kbar.reshape(g, c_out // g, 1, per_group), acts)
-            self._scores[li] = ops.minmax(r, -1)
-        return self._scores[li]
+            scaled, flat = ops.minmax_parts(r, -1)
+            self._scores[key] = _Scores(li, scaled, flat, rows)
+        return self._scores[key]
 
-    def keep(self, li: int) -> gs.Variable:
-        """The kept mask of every kernel of layer `li` (same layout as `scores`)."""
-        if li not in self._keep:
-            lay = self.ex.layers[li]
-            self._keep[li] = self.ops.select(
-                self.scores(li), lay.c_in // lay.group, self.opts.theta, self.opts.top_n
+    def keep(self, s: _Scores) -> gs.Variable:
+        """The kept mask of the rows of `s` (same layout)."""
+        if s.keep is None:
+            lay, ops = self.ex.layers[s.layer], self.ops
+            # a flat row keeps every channel that its 1s would (theta <= 1); its top_n are
+            # the lowest channels either way, as all its entries tie
+            above = ops("Or", ops("GreaterOrEqual", s.r, np.float64(self.opts.theta)), s.flat)
+            s.keep = ops.select(
+                s.r, lay.c_in // lay.group, self.opts.theta, self.opts.top_n, keep=above
             )
-        return self._keep[li]
+        return s.keep
+
+    def kernel_major(self, s: _Scores, x: Any) -> gs.Variable:
+        """``[N, C_out]`` over layer `s.layer` -> the layout of `s` (trailing axis of 1)."""
+        t = self._kernel_major(s.layer, x)
+        return t if s.rows is None else self.ops("Gather", t, s.rows)
 
     def column_best(self, li: int, frontier: gs.Variable) -> gs.Variable:
         """``[N, C_in]``: per input channel, the largest kept r' over the frontier's kernels."""
@@ -357,15 +402,19 @@ class _Builder:
         k = self.slot[li]
         one = np.ones(1, np.int64)
         rows = ops("Slice", frontier, self.local[k : k + 1], self.local[k + 1 : k + 2], one)
+        s = self.scores(li, self.rows_of(li, frontier))
         # r' lies in [0, 1]: lowering entries that do not count by 2 puts them below every
         # kept one, with small masks instead of a Where over the score matrix (the values
         # that count are added 0: unchanged). Without top_n a kept entry is one >= theta,
         # so the column maximum is thresholded once afterwards, as on the host.
         off = ops("Mul", ops("Cast", ops("Not", rows), to=ops.real_onnx), np.float64(-2))
-        vals = ops("Add", self.scores(li), self._kernel_major(li, off))
+        adjust = ops("Add", self.kernel_major(s, off), ops("Cast", s.flat, to=ops.real_onnx))
+        vals = ops("Add", s.r, adjust)  # + 1 on flat rows: their r' (exact, from 0)
         if self.opts.top_n is not None:
-            dropped = ops("Cast", ops("Not", self.keep(li)), to=ops.real_onnx)
+            dropped = ops("Cast", ops("Not", self.keep(s)), to=ops.real_onnx)
             vals = ops("Add", vals, ops("Mul", dropped, np.float64(-2)))
+        # no row in the batch's frontier: the maximum of nothing is -inf (ONNX's rule since
+        # opset 18, and onnxruntime's at any opset), below theta like any lowest value
         best = self._over_kernels(li, "ReduceMax", vals)
         keep = ops("GreaterOrEqual", best, np.float64(self.opts.theta))
         return ops("Where", keep, best, np.float64(NEG))
@@ -425,7 +474,7 @@ class _Builder:
             outs[relevance_name(name)] = ops(
                 "Slice", rel, lo, hi, np.ones(1, np.int64), dtype=ops.real
             )
-        self.depth, self.head_rel = depth, head_rel
+        self.depth, self.head_rel, self.in_head = depth, head_rel, in_head
         return outs
 
 
@@ -589,11 +638,16 @@ class _ClassTube:
                 "Slice", weight, b.local[k : k + 1], b.local[k + 1 : k + 2], np.ones(1, np.int64)
             )
             if expanded:
-                keep = b.keep(li)
-                use_in = self.reads_input(li, keep, map_out)
+                parents = self.parent_channels(li, map_out)
+                # the weighted tube weighs only this clip's depth-0 kernels: the level-0
+                # rows suffice; the contrast tube weighs every class's
+                frontier = b.in_head if self.kind == "weighted" and parents is None else None
+                s = b.scores(li, b.rows_of(li, frontier))
+                keep = b.keep(s)
+                use_in = None if parents is None else self.reads_input(li, keep, parents)
                 w_in = w if use_in is None else ops("Where", use_in, w, np.float64(0))
                 kept = ops("Cast", keep, to=ops.real_onnx)
-                u = b._over_kernels(li, "ReduceSum", ops("Mul", kept, b._kernel_major(li, w_in)))
+                u = b._over_kernels(li, "ReduceSum", ops("Mul", kept, b.kernel_major(s, w_in)))
                 self.add(parts, lay.input, u)
                 if use_in is not None:
                     self.add(parts, lay.output, ops("Where", use_in, np.float64(0), w))
@@ -616,21 +670,25 @@ class _ClassTube:
             )
         return ops("Identity", total, dtype=np.float32)
 
-    def reads_input(self, li: int, keep: gs.Variable, map_out: set[str]) -> gs.Variable | None:
-        """Which depth-0 kernels show their kept inputs (`tubes.selections`); None: all do."""
-        b, ops = self.b, self.b.ops
-        lay = b.ex.layers[li]
-        csr = b.ex.input_csr(li)
-        carries = np.diff(csr.indptr) > 0
+    def parent_channels(self, li: int, map_out: set[str]) -> np.ndarray | None:
+        """Where some depth-0 kernel may show its own output (`tubes.selections`): the
+        ``[C_out, C_in/g]`` mask of kept channels that carry a kernel; None where every
+        kernel shows its kept inputs (no output map, or every channel carries one)."""
+        lay = self.b.ex.layers[li]
         if lay.output not in map_out:
-            return None  # no output map: every kernel shows its kept inputs
+            return None
+        carries = np.diff(self.b.ex.input_csr(li).indptr) > 0
         per_group = lay.c_in // lay.group
         q = np.arange(lay.c_out) // (lay.c_out // lay.group)
         hp = carries[q[:, None] * per_group + np.arange(per_group)[None, :]]
-        if hp.all():
-            return None  # every kept channel carries a kernel: every kernel has children
+        return None if hp.all() else hp
+
+    def reads_input(self, li: int, keep: gs.Variable, parents: np.ndarray) -> gs.Variable:
+        """``[N, C_out]``: the kernels with children (a kept channel that carries a kernel)."""
+        ops, lay = self.b.ops, self.b.ex.layers[li]
+        per_group = lay.c_in // lay.group
         layout = (lay.c_out, 1, per_group) if lay.group == 1 else (lay.group, -1, 1, per_group)
-        parent = ops("Cast", ops("And", keep, hp.reshape(layout)), to=ops.real_onnx)
+        parent = ops("Cast", ops("And", keep, parents.reshape(layout)), to=ops.real_onnx)
         rows = ops.reshape(ops.reduce("ReduceMax", parent, [-1]), [lay.c_out, -1])  # [C_out, N]
         return ops("Greater", ops("Transpose", rows, perm=[1, 0]), np.float64(0))
 

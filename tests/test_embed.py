@@ -329,3 +329,19 @@ def test_bad_requests_are_refused(tmp_path, exported):
     onnx.save(m, str(bad))
     with pytest.raises(ModelError, match=r"cfp\.embedded"):
         EmbedInfo.of(onnx.load(str(bad)))
+
+
+def test_empty_pyramids_and_empty_frontiers_embed_exactly(exported):
+    """theta 1 in the paper's mode keeps only the head weight's largest entries: most
+    classes get an empty pyramid (no rows to score at any level, a zero class tube)."""
+    from tests import nets
+
+    _, path = exported("residual")
+    classes = Explainer(path).classes
+    for kind in ("weighted", "contrast"):
+        check_embedding(
+            path, net_clip(nets.CLIP), PyramidOptions(theta=1.0), kind, labels=tuple(range(classes))
+        )
+    ex = Explainer(path)
+    run = ex.run(net_clip(nets.CLIP), depth=3)
+    assert any(ex.pyramid(run, theta=1.0, label=k).empty for k in range(classes))
