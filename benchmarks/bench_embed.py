@@ -2,10 +2,10 @@
 
 For each of the six paper models (zoo, random weights, BatchNorm randomised, 400 classes,
 16x112x112), at depth 3 and the paper's theta: the plain ONNX file and the embedded one
-(pyramid outputs only, then with the contrast class tube) run in onnxruntime CPU sessions
+(pyramid outputs only, with the contrast class tube, and in float32) run in onnxruntime CPU sessions
 with the same options and threads, in interleaved rounds; medians. Each embedded model
 is also checked against ``Explainer.pyramid`` on the same clip (kernel sets and depths
-equal, largest relevance difference printed).
+equal, largest relevance difference printed), in float64 and in float32.
 
     .venv/bin/python benchmarks/bench_embed.py                 # ~10 min, exports cached
     .venv/bin/python benchmarks/bench_embed.py --models i3d --rounds 9
@@ -76,15 +76,20 @@ def one(name: str, cache: Path, rounds: int, threads: int) -> dict[str, object]:
     plain_only, _ = embed(ex, opts)
     build_s = time.perf_counter() - t
     with_tube, _ = embed(ex, opts, class_tube="contrast", clip_size=(16, 112, 112))
+    single, _ = embed(ex, opts, precision="float32")
     sessions = {
         "plain": session(str(path), threads),
         "embedded": session(plain_only.SerializeToString(), threads),
         "embedded+tube": session(with_tube.SerializeToString(), threads),
+        "float32": session(single.SerializeToString(), threads),
     }
     feed = {"video": clip}
     out = sessions["embedded"].run(None, feed)
     got = dict(zip([o.name for o in sessions["embedded"].get_outputs()], out))
     same, worst = check(ex, got, clip, theta)
+    out32 = sessions["float32"].run(None, feed)
+    got32 = dict(zip([o.name for o in sessions["float32"].get_outputs()], out32))
+    same32, worst32 = check(ex, got32, clip, theta)
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for s in sessions.values():
         s.run(None, feed)  # warm-up
@@ -106,6 +111,10 @@ def one(name: str, cache: Path, rounds: int, threads: int) -> dict[str, object]:
         "ratio_tube": round(med["embedded+tube"] / med["plain"], 3),
         "same_kernels": same,
         "max_relevance_diff": worst,
+        "float32_ms": round(med["float32"], 1),
+        "ratio_float32": round(med["float32"] / med["plain"], 3),
+        "float32_same_kernels": same32,
+        "float32_max_relevance_diff": worst32,
     }
 
 
@@ -119,14 +128,18 @@ def main() -> None:
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     rows = []
-    print("model           plain ms  embedded ms  ratio  +tube ms  ratio  same  max|dr|")
+    print(
+        "model           plain ms  embedded ms  ratio  +tube ms  ratio  same  max|dr|"
+        "  float32 ms  ratio  same  max|dr|"
+    )
     for name in args.models:
         r = one(name, args.cache, args.rounds, args.threads)
         rows.append(r)
         print(
             f"{name:<15} {r['plain_ms']:>8} {r['embedded_ms']:>12} {r['ratio']:>6.2f}x"
             f" {r['embedded_tube_ms']:>8} {r['ratio_tube']:>5.2f}x  {r['same_kernels']!s:<5}"
-            f" {r['max_relevance_diff']:.1e}",
+            f" {r['max_relevance_diff']:.1e} {r['float32_ms']:>11} {r['ratio_float32']:>5.2f}x"
+            f"  {r['float32_same_kernels']!s:<5} {r['float32_max_relevance_diff']:.1e}",
             flush=True,
         )
     args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -239,6 +239,8 @@ class _Builder:
     ) -> None:
         self.ex, self.opts = ex, opts
         self.ops = _Ops(graph, real, opset)
+        self.all_head_rows = False  # set when a class tube needs every head kernel's row
+        self.head_frontier: gs.Variable | None = None
         self.tensors = graph.tensors()
         levels = ex.levels(opts.depth)
         self.levels = [lv.tolist() for lv in levels]
@@ -351,6 +353,8 @@ class _Builder:
         Grouped layers keep every row (their score matrices are small)."""
         if frontier is None or self.ex.layers[li].group != 1:
             return None
+        if frontier is self.head_frontier and self.all_head_rows:
+            return None  # the contrast tube scores every head kernel anyway: share them
         ops, k = self.ops, self.slot[li]
         one = np.ones(1, np.int64)
         mask = ops("Slice", frontier, self.local[k : k + 1], self.local[k + 1 : k + 2], one)
@@ -442,6 +446,7 @@ class _Builder:
             ops("Where", keep, scores, np.float64(NEG)), self.head_index(), 1
         )
         in_head = ops("Greater", head_rel, np.float64(NEG))
+        self.head_frontier = in_head
         depth = ops("Where", in_head, np.int64(0), np.int64(-1), dtype=np.int64)
         frontier, incoming = in_head, None
         for d in range(o.depth - 1):
@@ -474,7 +479,7 @@ class _Builder:
             outs[relevance_name(name)] = ops(
                 "Slice", rel, lo, hi, np.ones(1, np.int64), dtype=ops.real
             )
-        self.depth, self.head_rel, self.in_head = depth, head_rel, in_head
+        self.depth, self.head_rel = depth, head_rel
         return outs
 
 
@@ -526,6 +531,7 @@ def embed(
     proto = _at_opset(ex.loaded.proto)
     graph = gs.import_onnx(proto)
     b = _Builder(ex, graph, ex.options(opts, {}), np.dtype(precision), _opset(proto))
+    b.all_head_rows = class_tube == "contrast"
     outs = b.build()
     if class_tube is not None:
         assert clip_size is not None
@@ -641,7 +647,7 @@ class _ClassTube:
                 parents = self.parent_channels(li, map_out)
                 # the weighted tube weighs only this clip's depth-0 kernels: the level-0
                 # rows suffice; the contrast tube weighs every class's
-                frontier = b.in_head if self.kind == "weighted" and parents is None else None
+                frontier = b.head_frontier if self.kind == "weighted" and parents is None else None
                 s = b.scores(li, b.rows_of(li, frontier))
                 keep = b.keep(s)
                 use_in = None if parents is None else self.reads_input(li, keep, parents)

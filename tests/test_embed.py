@@ -260,12 +260,15 @@ def test_an_opset_11_model_is_converted_and_keeps_its_outputs(tmp_path):
     check_embedding(path, net_clip(nets.CLIP), PyramidOptions(theta=0.5))
 
 
-def test_a_quantised_model_embeds_its_dequantised_pyramid(tmp_path, exported):
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_a_quantised_model_embeds_its_dequantised_pyramid(tmp_path, exported, fmt):
+    """int8 by onnxruntime's static quantisation. A QOperator file is embedded as the QDQ
+    graph it computes; onnxruntime fuses that back, and its logits stay bit-equal here."""
     from tests import nets
     from tests.test_quantised import _static
 
     _, path = exported("residual")
-    q = _static(path, tmp_path / "q.onnx", nets.CLIP)
+    q = _static(path, tmp_path / "q.onnx", nets.CLIP, fmt)
     check_embedding(q, net_clip(nets.CLIP), PyramidOptions(theta=0.5))
 
 
