@@ -316,12 +316,26 @@ def _walk_to_classifier(graph: Graph, tensor: str) -> tuple[str, Node | None]:
             logits = node.inputs[0]
         if _is_dense(graph, node) or _is_logits_conv(graph, node):
             return logits, node
-        if node.op_type not in POST_LOGITS:
+        if node.op_type not in POST_LOGITS and not _identity_gather(graph, node):
             return logits, None
         feats = [i for i in node.inputs if i and not graph.is_const(i)]
         if len(feats) != 1:
             return logits, None
         tensor = feats[0]
+
+
+def _identity_gather(graph: Graph, node: Node) -> bool:
+    """A Gather that takes every element along its axis, in order: torch.export writes a
+    ``view`` after a permute as ``as_strided``, a Gather whose folded indices are
+    ``arange(n)``, between the classifier and the logits. It moves nothing."""
+    if node.op_type != "Gather" or len(node.inputs) < 2 or not graph.is_const(node.inputs[1]):
+        return False
+    if graph.is_const(node.inputs[0]) or node.inputs[0] not in graph.shapes:
+        return False
+    shape = graph.shape(node.inputs[0])
+    axis = int(node.attrs.get("axis", 0)) % max(1, len(shape))
+    idx = np.asarray(graph.const(node.inputs[1])).reshape(-1)
+    return len(shape) > 0 and np.array_equal(idx, np.arange(shape[axis]))
 
 
 def _is_dense(graph: Graph, node: Node) -> bool:

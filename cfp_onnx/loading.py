@@ -368,7 +368,7 @@ def _infer_fused(proto: onnx.ModelProto) -> onnx.ModelProto:
 def _fold(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Fold shape subgraphs (Shape, Gather, Concat, ConstantOfShape ...) into constants."""
     try:
-        graph = gs.import_onnx(proto)
+        graph = gs.import_onnx(_shape_ranges_sliced(proto))
         graph.fold_constants(fold_shapes=True, error_ok=True)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         folded = gs.export_onnx(graph, do_type_check=False)
@@ -379,3 +379,38 @@ def _fold(proto: onnx.ModelProto) -> onnx.ModelProto:
     del folded.opset_import[:]
     folded.opset_import.extend(proto.opset_import)
     return folded
+
+
+def _shape_ranges_sliced(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``Shape(x, start, end)`` (opset 15) as ``Slice(Shape(x), start, end)``.
+
+    graphsurgeon 0.6's shape folding ignores Shape's start/end and folds the whole shape
+    in: torch.export graphs read ``x.size(0)`` that way, and the wrong constant broke
+    their Range, Reshape and as_strided index subgraphs. Slice has the same clamping
+    rules, and graphsurgeon folds Shape -> Slice correctly.
+    """
+    if not any(n.op_type == "Shape" and n.attribute for n in proto.graph.node):
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    nodes = []
+    for i, n in enumerate(out.graph.node):
+        attrs = {a.name: a.i for a in n.attribute}
+        if n.op_type != "Shape" or n.domain not in ("", "ai.onnx") or not attrs:
+            nodes.append(n)
+            continue
+        stem = f"cfp_shape_range_{i}"
+        full = onnx.helper.make_node("Shape", [n.input[0]], [f"{stem}/shape"], name=f"{stem}/Shape")
+        bounds = [(attrs.get("start", 0), "starts"), (attrs.get("end", 2**62), "ends")]
+        for value, what in bounds:
+            out.graph.initializer.append(
+                numpy_helper.from_array(np.asarray([value], np.int64), f"{stem}/{what}")
+            )
+        cut = onnx.helper.make_node(
+            "Slice", [f"{stem}/shape", f"{stem}/starts", f"{stem}/ends"], list(n.output),
+            name=n.name or f"{stem}/Slice",
+        )  # fmt: skip
+        nodes += [full, cut]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
