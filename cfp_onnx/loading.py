@@ -322,12 +322,20 @@ def analysis_proto(loaded: LoadedModel, input_shape: tuple[int, ...]) -> onnx.Mo
     return _infer(proto)
 
 
+FOLD_INT_BYTES = 1 << 20
+"""Integer initializers up to this size are read for the analysis: shape and index data
+that folding may evaluate once a shape upstream becomes known (torch.export's as_strided)."""
+
+
 def _foldable_inputs(proto: onnx.ModelProto, external: dict[str, ExternalTensor]) -> set[str]:
     """External tensors read by a node whose inputs are all constants: folding evaluates
     those (a transposed weight in a TF graph, say), so they must be inline. Weights read by
     convs and dense layers next to activations are not folded and stay on disk."""
     consts = {t.name for t in proto.graph.initializer}
-    return {
+    indices = {  # integer tensors are shapes and indices, read by folding wherever they sit
+        name for name, e in external.items() if e.dtype.kind in "iub" and e.nbytes <= FOLD_INT_BYTES
+    }
+    return indices | {
         i
         for n in proto.graph.node
         if all(not x or x in consts for x in n.input)

@@ -17,7 +17,7 @@ UNARY = frozenset(
         "HardSigmoid", "HardSwish", "Gelu", "Erf", "Softplus", "Softsign", "Mish", "ThresholdedRelu",
         "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
         "Identity", "Dropout", "Cast", "CastLike", "BatchNormalization", "InstanceNormalization",
-        "GroupNormalization", "Swish", "QuantizeLinear", "DequantizeLinear",
+        "GroupNormalization", "LayerNormalization", "Swish", "QuantizeLinear", "DequantizeLinear",
     }
 )  # fmt: skip
 

@@ -213,6 +213,31 @@ def _gate(pairs: list[tuple[ChannelMap, str]], out: tuple[int, ...], g: Graph) -
     return pairs[main][0] if per_channel or per_position else None
 
 
+def _dense(node: Node, ins: list[Prov], g: Graph) -> list[Prov]:
+    """A MatMul of a feature tensor by a constant ``W[K, M]`` inside the network (a Linear
+    on a channels-last tensor: ConvNeXt's pointwise layers). Output column ``m`` depends on
+    the input columns ``k`` with ``W[k, m] != 0``: it carries the union of their kernels,
+    position by position, as any op combining features does (SPEC §2)."""
+    w = _const_input(node, g, 1)
+    m = ins[0]
+    if not isinstance(m, ChannelMap) or w is None or w.ndim != 2 or ins[1] is not None:
+        raise _Refuse("only a feature tensor times a constant matrix is followed")
+    idx = align(m, len(g.shape(node.inputs[0]))).idx
+    k, cols = w.shape
+    outer = idx.shape[:-1]
+    lead = np.broadcast_to(idx, (*outer, k)).reshape(-1, k)  # a row of channels per position
+    distinct, where = np.unique(lead, axis=0, return_inverse=True)
+    patterns, column = np.unique((np.asarray(w) != 0).T, axis=0, return_inverse=True)
+    table: dict[frozenset[int], int] = {}
+    out = np.empty((len(distinct), len(patterns)), dtype=np.int64)
+    for p, row in enumerate(distinct):
+        for q, pattern in enumerate(patterns):
+            carried = frozenset().union(*(m.rows[r] for r in np.unique(row[pattern]).tolist()))
+            out[p, q] = table.setdefault(carried, len(table))
+    new = out[np.reshape(where, -1)][:, np.reshape(column, -1)]
+    return [compress(new.reshape(*outer, cols), tuple(table))]
+
+
 @channel_rule(*WINDOW_POOL)
 def _window_pool(node: Node, ins: list[Prov], g: Graph) -> list[Prov]:
     m = _features(ins)[0]
@@ -527,6 +552,11 @@ def _apply(
         return [own]
     if not _features(ins):
         return [None] * len(node.outputs)  # computed from constants only
+    if node.op_type == "MatMul" and node.name not in head.nodes:
+        try:
+            return _dense(node, ins, g)
+        except _Refuse as exc:
+            return [Unresolved(node.op_type, node.name, f"cannot be followed: {exc}")]
     if node.name in head.nodes or node.op_type in DENSE | CONV:
         return [Unresolved(node.op_type, node.name, "mixes all channels (a dense layer)")] * len(
             node.outputs

@@ -41,7 +41,7 @@ def match_layers(model: nn.Module, ex: Explainer) -> dict[nn.Conv3d, str]:
     out: dict[nn.Conv3d, str] = {}
     layers = {lay.node: fingerprint(lay.weight) for lay in ex.layers}
     for m in model.modules():
-        if not isinstance(m, nn.Conv3d):
+        if not isinstance(m, nn.Conv3d) or m is logits_conv(model, ex):
             continue
         fp = fingerprint(m.weight.detach().numpy())
         hits = [
@@ -51,6 +51,39 @@ def match_layers(model: nn.Module, ex: Explainer) -> dict[nn.Conv3d, str]:
         out[m] = hits[0]
     assert sorted(out.values()) == sorted(layers), "some ONNX layers have no torch conv"
     return out
+
+
+def logits_conv(model: nn.Module, ex: Explainer) -> nn.Conv3d | None:
+    """The classifier when it is a 1x1x1 conv (S3D, I3D): the model's last conv, as wide as
+    the classes, and no Linear after the convs."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    if any(isinstance(m, nn.Linear) for m in model.modules()) or not convs:
+        return None
+    last = convs[-1]
+    return last if last.out_channels == ex.classes and last.kernel_size == (1, 1, 1) else None
+
+
+@contextmanager
+def statistics_detached():
+    """LayerNorm's mean and variance as constants while taking gradients: SPEC-silent, we
+    pass provenance through normalisations (as SPEC §2 does for Group/Instance norm); their
+    statistics scale a position, like a gate, and are not producers."""
+    saved = torch.nn.functional.layer_norm
+
+    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):  # type: ignore[no-untyped-def]
+        dims = tuple(range(-len(shape), 0))
+        mean = x.mean(dims, keepdim=True).detach()
+        var = x.var(dims, unbiased=False, keepdim=True).detach()
+        y = (x - mean) / torch.sqrt(var + eps)
+        if weight is not None:
+            y = y * weight
+        return y + bias if bias is not None else y
+
+    torch.nn.functional.layer_norm = layer_norm
+    try:
+        yield
+    finally:
+        torch.nn.functional.layer_norm = saved
 
 
 @contextmanager
@@ -72,7 +105,7 @@ def leaky_relus():
 
 def autograd_truth(model: nn.Module, ex: Explainer, clip: np.ndarray) -> Truth:
     real = _capture(model, ex, clip)
-    with leaky_relus():
+    with leaky_relus(), statistics_detached():
         grads = _capture(model, ex, clip)
     return Truth(
         convs=real.convs,
@@ -101,7 +134,7 @@ def _capture(model: nn.Module, ex: Explainer, clip: np.ndarray) -> Truth:
         leaves[names[mod]] = leaf  # type: ignore[index]
         return leaf.clone()  # a model's in-place activation may follow: not on the leaf
 
-    fc = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    fc = logits_conv(model, ex) or [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     hooks.append(fc.register_forward_pre_hook(lambda m, a: head_in.append(a[0])))
     for m in names:
         hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
@@ -145,7 +178,7 @@ def _capture(model: nn.Module, ex: Explainer, clip: np.ndarray) -> Truth:
         prov=prov,
         head_prov=carried(feats),
         head_features=feats.detach().double().numpy().reshape(-1),
-        fc_weight=fc.weight.detach().double().numpy(),
+        fc_weight=fc.weight.detach().double().numpy().reshape(fc.weight.shape[0], -1),
         logits=logits.detach().double().numpy().reshape(-1),
     )
 

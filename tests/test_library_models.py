@@ -1,10 +1,12 @@
-"""Real library video models with seeded random weights (pytorchvideo), exported by both
-torch exporters: every conv input's provenance and the classifier's equal autograd's on
-the source model (tests/dependency_check), and the pyramid is explained end to end.
+"""Real library video models with seeded random weights -- pytorchvideo, torchvision's
+video models and timm-3d -- exported by both torch exporters: every conv input's
+provenance and the classifier's equal autograd's on the source model
+(tests/dependency_check), and the pyramid is explained end to end.
 
-pytorchvideo 0.1.5 imports ``torchvision.ops.RoIAlign`` at module level (for its detection
-head, never built here); with the pinned CPU torch no torchvision imports, so a stub
-stands in for that one name when torchvision is absent.
+torchvision and timm-3d come from tests/library_sources (installed without dependencies
+by the README's test command: torchvision's own wheels cannot import beside the pinned
+CPU torch). Without them those cases skip, and pytorchvideo, which imports
+``torchvision.ops.RoIAlign`` for a detection head never built here, gets a stub of it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from tests.library_sources import INSTALL, use_library_sources  # noqa: E402
+
+SOURCES = use_library_sources()
 try:
     import torchvision  # noqa: F401
 except Exception:  # absent, or the CUDA wheel that fails at import
@@ -39,6 +44,7 @@ from tests.dependency_check import analyzer_sets, autograd_truth  # noqa: E402
 
 T, S = 8, 64
 SHAPE = (1, 3, T, S, S)
+SHAPES = {"timm_convnext": (1, 3, 32, S, S)}  # ConvNeXt downsamples time 32x
 
 
 def _pool(**_: object) -> nn.Module:
@@ -78,10 +84,33 @@ def _build(name: str) -> nn.Module:
         return OneClip(slowfast.create_slowfast(
             model_depth=50, model_num_class=5, stem_dim_outs=(16, 2),
             head_pool_kernel_sizes=((T // 4, S // 32, S // 32), (T, S // 32, S // 32))))  # fmt: skip
+    if name.startswith("tv_"):
+        from torchvision.models import video
+
+        model = getattr(video, name[3:])(num_classes=5)
+        if name == "tv_s3d":  # its AvgPool3d(2, 7, 7) expects 224 px: pool what there is
+            model.avgpool = nn.AdaptiveAvgPool3d(1)
+        return model
+    if name.startswith("timm_"):
+        import timm_3d
+
+        arch, kwargs = TIMM[name]
+        return timm_3d.create_model(arch, pretrained=False, num_classes=5, **kwargs)
     raise KeyError(name)
 
 
+TIMM: dict[str, tuple[str, dict[str, object]]] = {
+    "timm_resnet": ("resnet18", {"layers": [1, 1, 1, 1]}),
+    "timm_seresnet": ("seresnet18", {"layers": [1, 1, 1, 1]}),
+    "timm_efficientnet": ("efficientnet_b0", {}),
+    "timm_convnext": ("convnext_tiny", {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128)}),
+}
+"""timm-3d models, one block per stage where the architecture takes it (CPU-sized)."""
+
+
 MODELS = ["x3d", "efficient_x3d", "csn", "r2plus1d", "i3d", "slowfast"]
+SOURCED = ["tv_r3d_18", "tv_mc3_18", "tv_r2plus1d_18", "tv_s3d", *TIMM]
+"""Need tests/library_sources (torchvision's video models, timm-3d)."""
 
 
 def _seeded(name: str) -> nn.Module:
@@ -102,6 +131,15 @@ def _seeded(name: str) -> nn.Module:
     return model.eval()
 
 
+class _Detach(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).detach()
+
+
 @contextmanager
 def _se_gates_detached() -> Iterator[None]:
     """SPEC §2: a squeeze-excitation gate scales channels, it carries no kernels. Autograd
@@ -115,10 +153,29 @@ def _se_gates_detached() -> Iterator[None]:
         return torch.mul(x, self.block(x.mean(dim=dims, keepdim=True)).detach())
 
     se.SqueezeExcitation.forward = forward
+    gated = []  # timm-3d's SE modules: ``x * self.gate(x_se)``
+    if SOURCES:
+        from timm_3d.layers.squeeze_excite import SEModule
+        from timm_3d.models._efficientnet_blocks import SqueezeExcite
+
+        for cls in (SEModule, SqueezeExcite):
+            gated.append((cls, cls.forward))
+
+            def detached(self: nn.Module, x: torch.Tensor, _f=cls.forward) -> torch.Tensor:
+                gate = self.gate
+                self.gate = _Detach(gate)
+                try:
+                    return _f(self, x)
+                finally:
+                    self.gate = gate
+
+            cls.forward = detached
     try:
         yield
     finally:
         se.SqueezeExcitation.forward = saved
+        for cls, f in gated:
+            cls.forward = f
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +189,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool], 
         if (name, dynamo) not in cache:
             model = _seeded(name)
             path = root / f"{name}{'_dynamo' if dynamo else ''}.onnx"
-            export_torch(model, SHAPE, path, dynamo=dynamo)
+            export_torch(model, SHAPES.get(name, SHAPE), path, dynamo=dynamo)
             cache[name, dynamo] = model, path
         return cache[name, dynamo]
 
@@ -140,11 +197,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool], 
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS + SOURCED)
 def test_library_model_provenance_equals_autograd(exported, name, dynamo):
+    if name in SOURCED and not SOURCES:
+        pytest.skip(f"torchvision's and timm-3d's model code is not installed: {INSTALL}")
     model, path = exported(name, dynamo)
-    clip = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
-    ex = Explainer(path, clip_shape=SHAPE)
+    shape = SHAPES.get(name, SHAPE)
+    clip = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    ex = Explainer(path, clip_shape=shape)
     with _se_gates_detached():
         truth = autograd_truth(model, ex, clip)
     for i, layer in enumerate(ex.layers):

@@ -211,3 +211,40 @@ def test_resize_passes_through(tmp_path):
     z = g.relu(g.conv(g.op("Concat", fast, g.op("Add", up, fast), axis=1), 8, 4))
     logits = g.gemm(g.pool_flatten(z), 4, 3)
     _check(g.save(tmp_path / "m.onnx", [logits]))
+
+
+def test_a_linear_on_channels_last_carries_the_channels_its_weight_reads(tmp_path):
+    """ConvNeXt's pointwise layers: MatMul by a constant W[K, M] inside the network.
+    Output channel m carries exactly the kernels of the input channels k with W[k, m] != 0
+    (a sparse W, so the union is checked column by column)."""
+    g = G()
+    y = g.relu(g.conv("video", 3, 6))
+    last = g.op("Transpose", y, perm=[0, 2, 3, 4, 1])
+    w = g.rng.standard_normal((6, 8))
+    w[:3, :4] = 0  # columns 0-3 read only channels 3-5
+    w[5, 6:] = 0
+    mixed = g.op("Relu", g.op("MatMul", last, g.const(w)))
+    z = g.relu(g.conv(g.op("Transpose", mixed, perm=[0, 4, 1, 2, 3]), 8, 4))
+    feats = g.op("ReduceMean", z, g.const(np.array([2, 3, 4]), np.int64), keepdims=0)
+    logits = g.op("MatMul", feats, g.const(g.rng.standard_normal((4, 5))))
+    ex, _ = _check(g.save(tmp_path / "m.onnx", [logits]))
+    second = _sets(ex, ex.input_csr(1))
+    conv1 = ex.layers[0].node
+    assert second[0] == {(conv1, k) for k in (3, 4, 5)}
+    assert second[7] == {(conv1, k) for k in range(5)}
+
+
+def test_layer_norm_over_channels_passes_provenance_through(tmp_path):
+    """LayerNormalization over the channels of a channels-last tensor (ConvNeXt): like
+    Group/Instance norm (SPEC §2), channel c carries its own kernels; the statistics are a
+    per-position scale, not producers (the perturbation oracle sees them, so not exact)."""
+    g = G()
+    y = g.relu(g.conv("video", 3, 6))
+    last = g.op("Transpose", y, perm=[0, 2, 3, 4, 1])
+    normed = g.op("LayerNormalization", last, g.const(np.ones(6)), g.const(np.zeros(6)), axis=-1)
+    z = g.relu(g.conv(g.op("Transpose", normed, perm=[0, 4, 1, 2, 3]), 6, 4))
+    feats = g.op("ReduceMean", z, g.const(np.array([2, 3, 4]), np.int64), keepdims=0)
+    logits = g.op("MatMul", feats, g.const(g.rng.standard_normal((4, 5))))
+    ex, _ = _check(g.save(tmp_path / "m.onnx", [logits]), exact=False)
+    conv1 = ex.layers[0].node
+    assert _sets(ex, ex.input_csr(1)) == [{(conv1, c)} for c in range(6)]
