@@ -21,7 +21,7 @@ from pathlib import Path
 
 SOURCES = Path(sys.prefix) / "lib-sources"
 INSTALL = (
-    ".venv/bin/pip install --no-deps --target .venv/lib-sources "
+    ".venv/bin/pip install --upgrade --no-deps --target .venv/lib-sources "
     "torchvision==0.28.0 timm==1.0.31 timm-3d==1.0.1"
 )
 
