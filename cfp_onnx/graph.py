@@ -72,13 +72,36 @@ class Graph:
             node = self._unshaped_source(tensor)
             if node is None:
                 raise ModelError(f"the shape of tensor {tensor!r} could not be inferred")
+            attention = self.attention_above(tensor)
+            if attention is not None:
+                raise UnsupportedOpError(attention_message(attention))
             op = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+            why = (
+                "a custom or unknown op cannot lie on the pyramid's path (cfp inspect lists "
+                "the ops)"
+                if node.domain not in ("", "ai.onnx")
+                else "its shape depends on values only the run computes"
+            )
             raise UnsupportedOpError(
                 f"the shape of tensor {tensor!r} could not be inferred: op {op} (node "
-                f"{node.name!r}) gives its output no shape; a custom or unknown op cannot lie on "
-                "the pyramid's path (cfp inspect lists the ops)"
+                f"{node.name!r}) gives its output no shape; {why}"
             )
         return self.shapes[tensor]
+
+    def attention_above(self, tensor: str) -> Node | None:
+        """A MatMul of two activations (attention) among the nodes `tensor` comes from."""
+        stack, seen = [tensor], set()
+        while stack:
+            t = stack.pop()
+            node = self.producer_of(t)
+            if node is None or node.index in seen:
+                continue
+            seen.add(node.index)
+            live = [i for i in node.inputs if i and not self.is_const(i)]
+            if node.op_type == "MatMul" and len(live) == 2:
+                return node
+            stack += live
+        return None
 
     def _unshaped_source(self, tensor: str) -> Node | None:
         """The node where shapes stop: its inputs have shapes, its output has none."""
@@ -253,6 +276,15 @@ class Head:
     input: str  # tensor holding the features
     feature_axis: int  # axis of `input` along which features run
     logits: str  # tensor holding the logits (before any softmax)
+
+
+def attention_message(node: Node) -> str:
+    return (
+        f"the model holds attention (MatMul {node.name!r} of two activations): class feature "
+        "pyramids follow conv kernels through channel provenance, and attention mixes "
+        "positions by weights computed from the clip; transformers (MViT, Swin, ...) are not "
+        "supported"
+    )
 
 
 def find_head(graph: Graph, output: str | None = None) -> Head:

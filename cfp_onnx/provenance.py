@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cfp_onnx.errors import UnsupportedOpError
-from cfp_onnx.graph import Graph, Head, Layer, Node
+from cfp_onnx.graph import Graph, Head, Layer, Node, attention_message
 from cfp_onnx.ops import (
     CONV,
     DENSE,
@@ -52,6 +52,7 @@ class Unresolved:
     op_type: str
     node: str
     reason: str
+    attention: bool = False  # a MatMul of two activations: the model is a transformer
 
 
 Prov = ChannelMap | Unresolved | None  # None: a constant
@@ -492,6 +493,8 @@ class Provenance:
             UnsupportedOpError: the tensor depends on an op with no rule (named).
         """
         m = self.maps.get(tensor)
+        if isinstance(m, Unresolved) and m.attention:
+            raise UnsupportedOpError(m.reason)  # no op list: no rule would make it fit
         if isinstance(m, Unresolved):
             raise UnsupportedOpError(
                 f"op {m.op_type} (node {m.node!r}) lies on the path to {what} and {m.reason}; "
@@ -537,7 +540,15 @@ def _apply(
     head: Head,
 ) -> list[Prov]:
     ins: list[Prov] = [maps.get(i) if i else None for i in node.inputs]
-    bad = next((m for m in ins if isinstance(m, Unresolved)), None)
+    if (
+        node.op_type == "MatMul"
+        and node.name not in head.nodes
+        and all(m is not None for m in ins[:2])
+    ):  # two activations, whatever else is unresolved above them
+        return [Unresolved(node.op_type, node.name, attention_message(node), attention=True)]
+    unresolved = [m for m in ins if isinstance(m, Unresolved)]
+    # attention says the most (the model is a transformer): it wins where paths meet
+    bad = next((m for m in unresolved if m.attention), unresolved[0] if unresolved else None)
     if bad is not None:
         return [bad] * len(node.outputs)
     if node.op_type in CONV and node.name in by_node:

@@ -12,6 +12,7 @@ CPU torch). Without them those cases skip, and pytorchvideo, which imports
 from __future__ import annotations
 
 import importlib.machinery
+import subprocess
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ except Exception:  # absent, or the CUDA wheel that fails at import
 pv = pytest.importorskip("pytorchvideo.models")
 
 from cfp_onnx.api import Explainer  # noqa: E402
+from tests.bad_inputs.conftest import CFP, assert_one_line_error  # noqa: E402
 from tests.dependency_check import analyzer_sets, autograd_truth  # noqa: E402
 
 T, S = 8, 64
@@ -215,3 +217,27 @@ def test_library_model_provenance_equals_autograd(exported, name, dynamo):
         assert head == truth.head_prov  # the oracle's (N, C) reading does not apply there
     p = ex.explain(clip, depth=3, theta=0.6)
     assert p.label == int(np.argmax(truth.logits)) and len(p.node_layer) > 0
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize(
+    ("name", "shape"), [("swin3d_t", (1, 3, 8, 64, 64)), ("mvit_v1_b", (1, 3, 16, 224, 224))]
+)
+def test_video_transformers_are_one_line_errors_naming_attention(tmp_path, name, shape, dynamo):
+    """torchvision's MViT and Swin3D: attention mixes positions by weights computed from the
+    clip, which channel provenance cannot follow. Said in one line, naming the MatMul."""
+    if not SOURCES:
+        pytest.skip(f"torchvision's model code is not installed: {INSTALL}")
+    from cfp_onnx.exporters.pytorch import export_torch
+    from torchvision.models import video
+
+    torch.manual_seed(0)
+    path = tmp_path / f"{name}.onnx"
+    export_torch(getattr(video, name)(num_classes=5).eval(), shape, path, dynamo=dynamo)
+    np.save(tmp_path / "clip.npy", np.zeros(shape, np.float32))
+    r = subprocess.run(
+        [CFP, "explain", path.name, "--clip", "clip.npy", "--out", "o"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert_one_line_error(r, "the model holds attention (MatMul", "transformers")
+    assert "supported ops" not in r.stderr and not (tmp_path / "o").exists()
