@@ -317,7 +317,7 @@ class Explainer:
                 f"this run was made for depth {run.plan.depth}; a depth-{opts.depth} pyramid "
                 "needs its own run"
             )
-        label = self.check_label(opts.label, run.logits)
+        label = self.check_label(opts.label, run.logits, class_names)
         return build(
             self.xp, self._inputs(run), opts, label=label, model=self.model_name,
             logits=run.logits, label_name=class_names[label] if class_names else None,
@@ -332,9 +332,29 @@ class Explainer:
             raise OptionError("head mode 'contrastive' needs at least two classes")
         return opts
 
-    def check_label(self, label: int | None, logits: np.ndarray) -> int:
+    def check_label(
+        self,
+        label: int | str | None,
+        logits: np.ndarray,
+        class_names: tuple[str, ...] | None = None,
+    ) -> int:
+        """The class index to explain: the prediction, an index, or a class name."""
         if label is None:
             return int(np.argmax(logits))
+        if isinstance(label, str):
+            if not class_names:
+                raise OptionError(
+                    f"label {label!r} is a name, but the model has no class names; give the "
+                    f"class index (0..{self.classes - 1})"
+                )
+            if label not in class_names:
+                near = [n for n in class_names if n.lower() == label.lower()]
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise OptionError(
+                    f"label {label!r} is not one of the model's {len(class_names)} class names"
+                    f"{hint} (e.g. {', '.join(repr(n) for n in class_names[:3])})"
+                )
+            return class_names.index(label)
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
             raise OptionError(f"label must be an integer class index (got {label!r})")
         if not 0 <= label < self.classes:

@@ -264,6 +264,7 @@ def compare_to(
         sides.append(Side(key, loaded, ModelInput.of(loaded, copts), device))
     several = len(clips) > 1
     done: list[Compared] = []
+    matches: dict[tuple[int, int], compare.LayerMatch | None] = {}
     marks = [_marker(s.loaded) for s in sides]
 
     def mark() -> dict[str, Any]:
@@ -277,7 +278,10 @@ def compare_to(
             for side, c in zip(sides, _side_clips(sides, path)):
                 ex, names = side.explainer(tuple(c.tensor.shape))
                 pair.append((ex, explain(ex, c, side.model_input, opts, view, class_names=names)))
-            figures, twins = compare.agreement(pair[0], pair[1], mapping=mapping)
+            ids = (id(pair[0][0]), id(pair[1][0]))  # the sides keep their explainers alive
+            if ids not in matches:
+                matches[ids] = compare.match_layers(pair[0][0], pair[1][0], mapping)
+            figures, twins = compare.agreement(pair[0], pair[1], matched=matches[ids])
             for side, (_, e) in zip(sides, pair):
                 with (folder / f"pyramid_{side.key}.json").open("wb") as f:
                     e.pyramid.write_json(f)

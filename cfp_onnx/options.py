@@ -69,7 +69,7 @@ class PyramidOptions:
     theta: float = 0.6
     top_n: int | None = None
     head_mode: str = "weights"
-    label: int | None = None
+    label: int | str | None = None  # an index, or one of the model's class names
 
     def __post_init__(self) -> None:
         if not _is_int(self.depth) or self.depth < 1:
@@ -87,8 +87,10 @@ class PyramidOptions:
             raise OptionError(
                 f"head mode {self.head_mode!r} unknown; choose one of {', '.join(HEAD_MODES)}"
             )
-        if self.label is not None and not _is_int(self.label):
-            raise OptionError(f"label must be an integer class index (got {self.label!r})")
+        if self.label is not None and not (
+            _is_int(self.label) or (isinstance(self.label, str) and self.label.strip())
+        ):
+            raise OptionError(f"label must be a class index or a class name (got {self.label!r})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,7 @@ def test_reference_format_writes_the_papers_tree(setup):
     ("args", "msg"),
     [
         (["--label", "99"], "label 99 is out of range: the model has 5 classes"),
-        (["--label", "x"], "--label: must be an integer"),
+        (["--label", "x"], "label 'x' is a name, but the model has no class names"),
         (["--theta", "1.5"], "theta must be a number in [0, 1]"),
         (["--theta", "nan"], "theta must be a number in [0, 1]"),
         (["--depth", "0"], "depth must be an integer >= 1"),

@@ -21,6 +21,7 @@ from cfp_onnx.exporters.pytorch import conv_node_names, export_torch
 from torch import nn
 
 from cfp_onnx.api import Explainer
+from cfp_onnx.compare import match_layers
 from cfp_onnx.inspection import inspect_model
 from cfp_onnx.pyramid import Pyramid
 from tests.zoo_helpers import (
@@ -231,10 +232,17 @@ def test_twins_give_the_same_pyramid(tmp_path: Path, name: str, seed: int) -> No
     export_keras(pair.keras_model, tmp_path / "k.onnx")
     x = clip(TORCH_SHAPE, seed=seed)
     x_last = np.ascontiguousarray(x.transpose(0, 2, 3, 4, 1))
-    pt = Explainer(tmp_path / "t.onnx", clip_shape=x.shape).explain(x, theta=THETA)
-    pk = Explainer(tmp_path / "k.onnx", clip_shape=x_last.shape).explain(x_last, theta=THETA)
+    ex_t = Explainer(tmp_path / "t.onnx", clip_shape=x.shape)
+    ex_k = Explainer(tmp_path / "k.onnx", clip_shape=x_last.shape)
+    pt, pk = ex_t.explain(x, theta=THETA), ex_k.explain(x_last, theta=THETA)
     assert pt.label == pk.label and pt.score == pytest.approx(pk.score, abs=1e-4)
     to_torch = {k: t for t, k in pair.conv_nodes.items()}
+    # cfp compare pairs the twins' layers by their weights, without the transfer's map
+    # (the exporters order ResNet's downsample conv differently)
+    matched = match_layers(ex_t, ex_k)
+    assert matched is not None and set(matched.how) == {"weights"}
+    layers = {a: b for a, b in pair.conv_nodes.items() if a in ex_t.layer_index}  # no logits conv
+    assert {a: b for a, b, _ in matched.pairs(ex_t, ex_k)} == layers
 
     def mapped(p: Pyramid, names: dict[str, str]) -> dict[Kernel, tuple[int, float]]:
         return {

@@ -43,7 +43,11 @@ def add_clip_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 def add_pyramid_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pyramid")
-    g.add_argument("--label", type=_int("label"), help="class to explain (default: the prediction)")
+    g.add_argument(
+        "--label",
+        type=_label,
+        help="class to explain: an index or a class name (default: the prediction)",
+    )
     g.add_argument("--depth", type=_int("depth"), default=3, help="pyramid depth (default 3)")
     g.add_argument(
         "--theta", type=_float("theta"), default=0.6, help="threshold in [0,1] (default 0.6)"
@@ -104,6 +108,14 @@ def view_options(args: argparse.Namespace) -> ViewOptions:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _label(text: str) -> int | str:
+    """A class index, or a class name (resolved against the model's names later)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _int(name: str):  # type: ignore[no-untyped-def]

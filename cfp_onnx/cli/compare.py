@@ -5,9 +5,10 @@ normalisation; --frames/--size/--mean/--std override both). A .npy clip is taken
 model A's input and transposed for B when their layouts differ. Writes, per clip,
 report.html (side by side; selecting a kernel selects its counterpart), pyramid_a.json,
 pyramid_b.json and agreement.json: class-tube Spearman correlation and top-10% IoU,
-and the pyramids' Jaccard overlap per depth when the architectures match (same conv
-shapes in topological order, or --map FILE: a JSON object from A's conv node names
-to B's). One clip writes into DIR; several into DIR/clip_000/, ...
+and the pyramids' Jaccard overlap per depth over conv layers paired automatically (equal
+weights, then graph position when both have the same layers; the pairs are listed), or
+as --map FILE says (a JSON object from A's conv node names to B's, overriding the
+automatic pairs it names). One clip writes into DIR; several into DIR/clip_000/, ...
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", type=_floats, metavar="R,G,B", help="normalisation mean, on [0,1]")
     g.add_argument("--std", type=_floats, metavar="R,G,B", help="normalisation std, on [0,1]")
     g.add_argument("--sampling", choices=SAMPLINGS, default="uniform", help="frame sampling")
-    g.add_argument("--map", metavar="FILE", help="JSON {conv of A: conv of B} to pair layers")
+    g.add_argument(
+        "--map",
+        metavar="FILE",
+        help="JSON {conv of A: conv of B}: pairs overriding the automatic ones",
+    )
     add_pyramid_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--out", default="cfp_compare", help="output folder (default ./cfp_compare)")

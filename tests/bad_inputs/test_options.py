@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,14 +13,13 @@ import pytest
 from cfp_onnx import outputs
 from cfp_onnx.api import Explainer
 from cfp_onnx.errors import OptionError, OutputError
-from tests.bad_inputs.conftest import assert_one_line_error, snapshot
+from tests.bad_inputs.conftest import assert_one_line_error, cfp, snapshot
 from tests.handmade import color_model
 
 OPTIONS = [
     (["--label", "3"], "label 3 is out of range: the model has 3 classes (0..2)"),
     (["--label", "-1"], "label -1 is out of range"),
-    (["--label", "1.5"], "--label: must be an integer"),
-    (["--label", "red"], "--label: must be an integer"),
+    (["--label", "1.5"], "label '1.5' is not one of the model's 3 class names"),
     (["--theta", "1.01"], "theta must be a number in [0, 1]"),
     (["--theta", "-0.1"], "theta must be a number in [0, 1]"),
     (["--theta", "nan"], "theta must be a number in [0, 1]"),
@@ -47,8 +47,8 @@ def test_bad_option(work, refused, args, fragment):
     ("kw", "fragment"),
     [
         ({"label": 3}, "label 3 is out of range"),
-        ({"label": "0"}, "label must be an integer"),
-        ({"label": 1.0}, "label must be an integer"),
+        ({"label": "zero"}, "label 'zero'"),
+        ({"label": 1.0}, "label must be a class index or a class name"),
         ({"depth": True}, "depth must be an integer"),
         ({"theta": float("nan")}, "theta must be a number in [0, 1]"),
         ({"theta": "0.5"}, "theta must be a number in [0, 1]"),
@@ -169,3 +169,24 @@ def test_a_missing_extra_is_one_line_naming_it(work, blocked, argv, fragment):
                        timeout=120)  # fmt: skip
     assert_one_line_error(r, blocked, "is not installed", fragment)
     assert snapshot(work) == before
+
+
+def test_label_by_class_name(work):
+    """--label takes a class name as well as an index (SPEC's label stays the index)."""
+    r = cfp("explain", "m.onnx", "--clip", "clip.npy", "--label", "green", "--out", "o", cwd=work)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((work / "o" / "pyramid.json").read_text())
+    assert doc["label"] == 1 and doc["label_name"] == "green"
+    clip = np.load(work / "clip.npy")
+    ex = Explainer(work / "m.onnx", clip_shape=clip.shape)
+    names = ("red", "green", "moving")
+    assert ex.pyramid(ex.run(clip), label="moving", class_names=names).label == 2
+
+
+@pytest.mark.parametrize(
+    ("label", "fragment"),
+    [("Green", "did you mean 'green'"), ("blue", "not one of the model's 3 class names")],
+)
+def test_an_unknown_class_name_is_one_line(work, refused, label, fragment):
+    refused("explain", "m.onnx", "--clip", "clip.npy", "--label", label, "--out", "o",
+            fragments=(fragment,))  # fmt: skip
