@@ -533,8 +533,7 @@ def embed(
     b = _Builder(ex, graph, ex.options(opts, {}), np.dtype(precision), _opset(proto))
     b.all_head_rows = class_tube == "contrast"
     outs = b.build()
-    if class_tube is not None:
-        assert clip_size is not None
+    if class_tube is not None and clip_size is not None:
         outs[TUBE] = _ClassTube(b, class_tube, clip_size).build()
     batch = declared_shape(graph_input(proto))[0]
     n = batch if isinstance(batch, (int, str)) and batch not in (0, "") else "N"
@@ -788,5 +787,11 @@ def embed_to(
     shape, size = clip_geometry(loaded, clip_options)
     ex = Explainer(loaded, clip_shape=shape, output=logits)
     proto, info = embed(ex, opts, class_tube=class_tube, clip_size=size, precision=precision)
-    data = proto.SerializeToString()  # refuses a model over 2 GB: onnx's own limit
+    try:
+        data = proto.SerializeToString()
+    except ValueError:  # protobuf's 2 GB message limit
+        raise ModelError(
+            "the embedded model would exceed protobuf's 2 GB limit for one ONNX file; "
+            "cfp embed writes one self-contained file, so it cannot embed a model this large"
+        ) from None
     return write_file(output, lambda p: p.write_bytes(data), overwrite=overwrite), info
