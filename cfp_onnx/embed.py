@@ -25,6 +25,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -256,6 +257,7 @@ class _Builder:
             )
         self.slot = {li: k for k, li in enumerate(self.layers)}
         self._scores: dict[tuple[int, str | None], _Scores] = {}
+        self._slices: dict[tuple[str, int], gs.Variable] = {}
         self._pooled: dict[str, gs.Variable] = {}
 
     # ----------------------------------------------------------------- inputs
@@ -304,7 +306,19 @@ class _Builder:
             )
         return self.pooled(h.input, [0, h.feature_axis])
 
+    def of_layer(self, x: gs.Variable, li: int, dtype: Any = None) -> gs.Variable:
+        """``x[:, kernels of layer li]`` for ``[N, K]`` state over the pyramid's kernels
+        (one Slice per tensor and layer, however often asked)."""
+        key = (x.name, li)
+        if key not in self._slices:
+            k = self.slot[li]
+            lo, hi = self.local[k : k + 1], self.local[k + 1 : k + 2]
+            self._slices[key] = self.ops("Slice", x, lo, hi, np.ones(1, np.int64), dtype=dtype)
+        return self._slices[key]
+
+    @cached_property
     def head_index(self) -> np.ndarray:
+        """Per pyramid kernel, the classifier features it feeds (padded)."""
         csr = self.ex.head_csr
         f, k = _pairs(csr.indptr, csr.kernels)
         k = self.to_local[k]
@@ -355,9 +369,8 @@ class _Builder:
             return None
         if frontier is self.head_frontier and self.all_head_rows:
             return None  # the contrast tube scores every head kernel anyway: share them
-        ops, k = self.ops, self.slot[li]
-        one = np.ones(1, np.int64)
-        mask = ops("Slice", frontier, self.local[k : k + 1], self.local[k + 1 : k + 2], one)
+        ops = self.ops
+        mask = self.of_layer(frontier, li)
         anyone = ops.reduce("ReduceMax", ops("Cast", mask, to=onnx.TensorProto.INT32), [0])
         return ops("Squeeze", ops("NonZero", anyone), np.zeros(1, np.int64))  # [R]
 
@@ -403,9 +416,7 @@ class _Builder:
     def column_best(self, li: int, frontier: gs.Variable) -> gs.Variable:
         """``[N, C_in]``: per input channel, the largest kept r' over the frontier's kernels."""
         ops = self.ops
-        k = self.slot[li]
-        one = np.ones(1, np.int64)
-        rows = ops("Slice", frontier, self.local[k : k + 1], self.local[k + 1 : k + 2], one)
+        rows = self.of_layer(frontier, li)
         s = self.scores(li, self.rows_of(li, frontier))
         # r' lies in [0, 1]: lowering entries that do not count by 2 puts them below every
         # kept one, with small masks instead of a Where over the score matrix (the values
@@ -423,35 +434,32 @@ class _Builder:
         keep = ops("GreaterOrEqual", best, np.float64(self.opts.theta))
         return ops("Where", keep, best, np.float64(NEG))
 
-    def level_index(self, layers: list[int]) -> tuple[np.ndarray, list[int]]:
+    def level_index(self, layers: list[int]) -> np.ndarray:
         """The children table of one level: local kernel -> positions in its channel vector."""
-        rows, pos, widths, base = [], [], [], 0
+        rows, pos, base = [], [], 0
         for li in layers:
             csr = self.ex.input_csr(li)
             c, k = _pairs(csr.indptr, csr.kernels)
             k = self.to_local[k]
             rows.append(k[k >= 0])
             pos.append(c[k >= 0] + base)
-            widths.append(self.ex.layers[li].c_in)
             base += self.ex.layers[li].c_in
         row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         p = np.concatenate(pos) if pos else np.zeros(0, np.int64)
-        return _padded(self.n, row, p, base), widths
+        return _padded(self.n, row, p, base)
 
     def build(self) -> dict[str, gs.Variable]:
         ops, o = self.ops, self.opts
         label, _ = self.label()
         scores, keep = self.head(label)
-        head_rel = self.gather_max(
-            ops("Where", keep, scores, np.float64(NEG)), self.head_index(), 1
-        )
+        head_rel = self.gather_max(ops("Where", keep, scores, np.float64(NEG)), self.head_index, 1)
         in_head = ops("Greater", head_rel, np.float64(NEG))
         self.head_frontier = in_head
         depth = ops("Where", in_head, np.int64(0), np.int64(-1), dtype=np.int64)
         frontier, incoming = in_head, None
         for d in range(o.depth - 1):
             layers = [li for li in self.levels[d] if li in self.slot]
-            table, _ = self.level_index(layers)
+            table = self.level_index(layers)
             if table.shape[1] == 0 or not layers:
                 break
             best = [self.column_best(li, frontier) for li in layers]
@@ -470,15 +478,10 @@ class _Builder:
         )
         rel = ops("Where", ops("Less", depth, np.int64(0)), np.float64(0), rel, dtype=ops.real)
         outs = {LABEL: ops("Identity", label, dtype=np.int64)}
-        for k, li in enumerate(self.layers):
-            lo, hi = self.local[k : k + 1], self.local[k + 1 : k + 2]
+        for li in self.layers:
             name = self.ex.layers[li].node
-            outs[depth_name(name)] = ops(
-                "Slice", depth, lo, hi, np.ones(1, np.int64), dtype=np.int64
-            )
-            outs[relevance_name(name)] = ops(
-                "Slice", rel, lo, hi, np.ones(1, np.int64), dtype=ops.real
-            )
+            outs[depth_name(name)] = self.of_layer(depth, li, np.int64)
+            outs[relevance_name(name)] = self.of_layer(rel, li, ops.real)
         self.depth, self.head_rel = depth, head_rel
         return outs
 
@@ -614,7 +617,7 @@ class _ClassTube:
         """Mean over every class k of its depth-0 relevances (0 outside its depth-0 set)."""
         b, ops, o = self.b, self.b.ops, self.b.opts
         w = np.asarray(b.ex.head.weight, np.float64)
-        table = b.head_index()
+        table = b.head_index
         classes, f = w.shape
         if o.head_mode == "weights":  # does not depend on the clip: a constant
             scores = minmax(np, w, axis=None)
@@ -638,10 +641,7 @@ class _ClassTube:
         parts: dict[tuple[int, int, int], list[gs.Variable]] = {}
         for li in b.levels[0]:
             lay = ex.layers[li]
-            k = b.slot[li]
-            w = ops(
-                "Slice", weight, b.local[k : k + 1], b.local[k + 1 : k + 2], np.ones(1, np.int64)
-            )
+            w = b.of_layer(weight, li)
             if expanded:
                 parents = self.parent_channels(li, map_out)
                 # the weighted tube weighs only this clip's depth-0 kernels: the level-0
