@@ -9,9 +9,10 @@ relevances never need the flat link list, which is expanded only when asked for.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, partial
@@ -128,12 +129,13 @@ class Pyramid:
     def summary(self) -> list[tuple[int, int, int, int]]:
         """Per depth: (depth, kernels, layers, links out of that depth)."""
         rows = []
-        src_depth = self.node_depth[self.link_source] if len(self.node_depth) else np.zeros(0)
+        out_of = np.zeros(max(self.max_depth_reached + 1, 0), np.int64)
+        for b in self.blocks:  # counted from the factored steps: no flat link list
+            source, count = b.link_counts()
+            np.add.at(out_of, self.node_depth[self.node_of[source]], count)
         for d in range(self.max_depth_reached + 1):
             at = self.node_depth == d
-            rows.append(
-                (d, int(at.sum()), len(np.unique(self.node_layer[at])), int((src_depth == d).sum()))
-            )
+            rows.append((d, int(at.sum()), len(np.unique(self.node_layer[at])), int(out_of[d])))
         return rows
 
     def to_dict_header(self) -> dict[str, Any]:
@@ -187,6 +189,7 @@ class Pyramid:
         per link: a ResNet-50-3D pyramid has millions.
         """
         head = json.dumps(self.to_dict_header(), allow_nan=False)[:-1].encode()
+        ids = jsonrows.counting(len(self.node_layer))  # node ids: texts looked up, not formatted
         n = fp.write(head + b', "nodes": [')
         n += jsonrows.write_rows(
             fp,
@@ -198,27 +201,46 @@ class Pyramid:
                 b', "relevance": ',
                 b"}",
             ],
-            [
-                jsonrows.numbers(np.arange(len(self.node_layer))),
+            [[
+                jsonrows.Table(ids, np.arange(len(self.node_layer))),
                 jsonrows.strings(self.layers, self.node_layer),
                 jsonrows.numbers(self.node_channel),
                 jsonrows.numbers(self.node_depth),
                 _finite(self.node_relevance),
-            ],
+            ]],
             chunk,
-        )
+        )  # fmt: skip
         n += fp.write(b'], "links": [')
         n += jsonrows.write_rows(
             fp,
             [b'{"source": ', b', "target": ', b', "relevance": ', b"}"],
-            [
-                jsonrows.numbers(self.link_source),
-                jsonrows.numbers(self.link_target),
-                _finite(self.link_relevance),
-            ],
+            (
+                [jsonrows.Table(ids, s), jsonrows.Table(ids, t), _finite(r)]
+                for s, t, r in self._link_runs()
+            ),
             chunk,
         )
         return n + fp.write(b"]}")
+
+    def _link_runs(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The links in (source, target) order, in runs: one per back-step when each
+        step's parents come after the one before's (they do: a step expands one layer's
+        kernels of one depth, and node ids run in (depth, layer) order), so a writer can
+        format one step while the next is expanded, and the whole list is never held."""
+        if "_links" in self.__dict__ or not self._steps_in_order():
+            if len(self.link_source):
+                yield self._links
+            return
+        n = np.int64(len(self.node_layer))
+        for b in self.blocks:
+            s, t, r = b.expand()
+            s, t = self.node_of[s], self.node_of[t]
+            order = np.argsort(s * n + t, kind="stable")  # parents ascending: runs sorted
+            yield s[order], t[order], r[order]
+
+    def _steps_in_order(self) -> bool:
+        bounds = [self.node_of[to_numpy(b.parents)] for b in self.blocks if len(b.parents)]
+        return all(a.max() < b.min() for a, b in itertools.pairwise(bounds))
 
     def kernel_name(self, node: int) -> str:
         return f"{self.layers[int(self.node_layer[node])]}:{int(self.node_channel[node])}"
@@ -260,7 +282,7 @@ class Pyramid:
         }
 
 
-def _finite(values: np.ndarray) -> jsonrows.Tokens:
+def _finite(values: np.ndarray) -> jsonrows.Column:
     if not np.all(np.isfinite(values)):
         raise ValueError("pyramid relevances must be finite")
     return jsonrows.numbers(values)
@@ -312,6 +334,13 @@ class LinkBlock:
     @property
     def score(self) -> np.ndarray:
         return self._kept[2]
+
+    def link_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(parent kernel, links) per kept pair, without expanding the links."""
+        if not self.injective:
+            parent = self.expand()[0]
+            return parent, np.ones(len(parent), np.int64)
+        return self.parent[self.row], np.diff(to_numpy(self.indptr))[self.channel]
 
     def expand(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Flat (parent kernel, child kernel, r') triples, one per link."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 Array = Any  # numpy.ndarray or cupy.ndarray
 
 
@@ -194,8 +196,10 @@ def expand_csr(
     start, stop = indptr[channel], indptr[channel + 1]
     counts = stop - start
     ends = xp.cumsum(counts)
-    # entry of each output slot: a searchsorted, not xp.repeat (CuPy's repeat takes no array)
-    entry = xp.searchsorted(ends, xp.arange(int(ends[-1]) if len(ends) else 0), side="right")
+    if xp is np:
+        entry = np.repeat(np.arange(len(counts)), counts)
+    else:  # CuPy's repeat takes no array of counts
+        entry = xp.searchsorted(ends, xp.arange(int(ends[-1]) if len(ends) else 0), side="right")
     offset = xp.arange(len(entry)) - (ends - counts)[entry]
     return entry, kernels[start[entry] + offset]
 

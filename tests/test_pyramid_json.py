@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import numpy as np
@@ -41,7 +42,7 @@ def test_rows_hold_exact_numbers_and_escaped_names():
     out = io.BytesIO()
     cols = [jsonrows.numbers(np.arange(8) * 1000), jsonrows.strings(names, index)]
     cols.append(jsonrows.numbers(values))
-    jsonrows.write_rows(out, [b'{"i": ', b', "n": ', b', "v": ', b"}"], cols, chunk=3)
+    jsonrows.write_rows(out, [b'{"i": ', b', "n": ', b', "v": ', b"}"], [cols], chunk=3)
     rows = json.loads(b"[" + out.getvalue() + b"]")
     assert [r["i"] for r in rows] == list(range(0, 8000, 1000))
     assert [r["n"] for r in rows] == [names[i] for i in index]
@@ -50,6 +51,55 @@ def test_rows_hold_exact_numbers_and_escaped_names():
 
 def test_empty_columns_and_non_finite_values():
     out = io.BytesIO()
-    assert jsonrows.write_rows(out, [b"{", b"}"], [jsonrows.numbers(np.zeros(0))]) == 0
+    assert jsonrows.write_rows(out, [b"{", b"}"], [[jsonrows.numbers(np.zeros(0))]]) == 0
     with pytest.raises(ValueError, match="finite"):
         jsonrows.numbers(np.array([1.0, np.nan]))
+
+
+def test_segments_follow_one_another_and_every_number_kind_is_exact():
+    """Rows from several segments (empty ones too), chunked across their edges, with the
+    widest floats, negative and huge ints (formatted, not looked up) and table ints."""
+    rng = np.random.default_rng(5)
+    floats = np.concatenate([rng.standard_normal(40) * 10.0 ** rng.integers(-300, 300, 40),
+                             [-2.2250738585072014e-308, 5e-324, -1.7976931348623157e308]])  # fmt: skip
+    ints = np.concatenate([rng.integers(-(2**62), 2**62, 40), [np.iinfo(np.int64).min, 0, 7]])
+    small = np.arange(len(floats))
+    cut = [0, 10, 10, 31, len(floats)]
+    segments = [
+        [jsonrows.numbers(small[a:b]), jsonrows.numbers(ints[a:b]), jsonrows.numbers(floats[a:b])]
+        for a, b in itertools.pairwise(cut)
+    ]
+    out = io.BytesIO()
+    n = jsonrows.write_rows(out, [b'{"k": ', b', "i": ', b', "f": ', b"}"], segments, 4)
+    assert n == len(out.getvalue())
+    rows = json.loads(b"[" + out.getvalue() + b"]")
+    assert [r["k"] for r in rows] == small.tolist()
+    assert [r["i"] for r in rows] == ints.tolist()
+    assert [r["f"] for r in rows] == floats.tolist()
+
+
+def test_links_written_in_runs_equal_the_sorted_list(exported):
+    """The writer's per-step runs, joined, are the globally sorted link list; a pyramid
+    whose links were already expanded writes the same bytes."""
+    _, path = exported("residual")
+    clip = np.random.default_rng(3).standard_normal(nets.CLIP).astype(np.float32)
+    ex = Explainer(path, clip_shape=clip.shape)
+    fresh = ex.explain(clip, theta=0.3, depth=4)
+    assert fresh._steps_in_order() and "_links" not in fresh.__dict__
+    runs = list(fresh._link_runs())
+    assert len(runs) > 1 and "_links" not in fresh.__dict__
+    joined = [np.concatenate(c) for c in zip(*runs)]
+    for got, want in zip(joined, (fresh.link_source, fresh.link_target, fresh.link_relevance)):
+        assert np.array_equal(got, want)
+    counted = [links for _, _, _, links in fresh.summary()]  # from the factored steps
+    assert (
+        counted
+        == np.bincount(
+            fresh.node_depth[fresh.link_source], minlength=fresh.max_depth_reached + 1
+        ).tolist()
+    )
+    streamed = io.BytesIO()
+    ex.explain(clip, theta=0.3, depth=4).write_json(streamed, chunk=5)
+    again = io.BytesIO()
+    fresh.write_json(again, chunk=5)  # from the flat list, expanded above
+    assert streamed.getvalue() == again.getvalue()
