@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from cfp_onnx import outputs
 from cfp_onnx.api import Explainer
 from cfp_onnx.compare import Agreement
 from cfp_onnx.errors import ModelError, OutputError
-from cfp_onnx.explanation import Explanation, explain
-from cfp_onnx.loading import LoadedModel, load_model
+from cfp_onnx.explanation import Explanation, explain, prepare
+from cfp_onnx.loading import LoadedModel, load_model, resolve_input_shape, static_input
 from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
 from cfp_onnx.options import ClipOptions, PyramidOptions, ViewOptions, as_options
@@ -93,24 +94,33 @@ def explain_to(
     mark = _marker(loaded)
     model_input, limit = ModelInput.of(loaded, copts), MemoryLimit.of(max_memory)
     windowed = copts.window is not None
+
+    def make(shape: tuple[int, ...] | None) -> Explainer:
+        ex = Explainer(
+            loaded, clip_shape=shape, output=output, device=device, max_memory=max_memory
+        )
+        prepare(ex, opts, vopts)
+        return ex
+
+    explainer: Explainer | None = None
     if windowed:
         count, clips = model_input.windows(clip, loaded, limit)
+    elif static_input(loaded) and not isinstance(clip, (Clip, np.ndarray)):
+        explainer, first = _while_decoding(make, lambda: model_input.clip(clip, loaded, limit))
+        resolve_input_shape(loaded.proto, tuple(first.tensor.shape))  # the clip must fit
+        count, clips = 1, iter([first])
     else:
         count, clips = 1, iter([model_input.clip(clip, loaded, limit)])
     done: list[Explained] = []
     rows: list[dict[str, Any]] = []
     with outputs.staged_dir(out, overwrite=overwrite, protect=protect, mark=mark) as tmp:
-        explainer: Explainer | None = None
-        names: tuple[str, ...] | None = None
+        names = checked_names(loaded, explainer) if explainer is not None else None
         bar = (
             progress(total=count, desc="windows", unit="window") if windowed and progress else None
         )
         for i, c in enumerate(clips):
             if explainer is None:
-                explainer = Explainer(
-                    loaded, clip_shape=tuple(c.tensor.shape), output=output, device=device,
-                    max_memory=max_memory,
-                )  # fmt: skip
+                explainer = make(tuple(c.tensor.shape))
                 names = checked_names(loaded, explainer)
             folder = tmp / f"window_{i:03d}" if windowed else tmp
             folder.mkdir(exist_ok=True)
@@ -139,6 +149,24 @@ def explain_to(
         if extra is not None:
             extra(tmp)
     return done
+
+
+def _while_decoding(
+    make: Callable[[None], Explainer], decode: Callable[[], Clip]
+) -> tuple[Explainer, Clip]:
+    """The Explainer (graph analysis, session) built while a thread decodes the clip.
+
+    OpenCV releases the GIL while it decodes, so the two overlap. A bad clip is reported
+    before a bad model, as when the clip is read first; the thread is always joined
+    (Ctrl-C included: a thread left inside OpenCV at exit aborts the interpreter)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfp-decode") as pool:
+        clip = pool.submit(decode)
+        try:
+            explainer = make(None)
+        except BaseException:
+            clip.result()  # raises the clip's error, if it has one
+            raise
+        return explainer, clip.result()
 
 
 def _marker(loaded: LoadedModel) -> Callable[[], dict[str, Any]]:

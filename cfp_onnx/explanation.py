@@ -78,11 +78,16 @@ class KernelMaps:
 
         The tube is min-max normalised after upsampling, which ignores any affine scaling
         of the map, so the page needs no per-kernel scale to draw it."""
-        block = self.data[group].reshape(len(self.data[group]), -1).astype(np.float64)
-        lo = block.min(axis=1, keepdims=True)
-        span = block.max(axis=1, keepdims=True) - lo
-        q = np.where(span > 0, (block - lo) / np.where(span > 0, span, 1.0), 0.0)
-        return np.rint(q * 255).astype(np.uint8).reshape(self.data[group].shape)
+        data = self.data[group].reshape(len(self.data[group]), -1)
+        out = np.empty(data.shape, np.uint8)
+        step = max(1, (1 << 16) // max(1, data.shape[1]))  # kernels a block: it stays in cache
+        for i in range(0, len(data), step):
+            block = data[i : i + step].astype(np.float64)
+            lo = block.min(axis=1, keepdims=True)
+            span = block.max(axis=1, keepdims=True) - lo
+            q = np.where(span > 0, (block - lo) / np.where(span > 0, span, 1.0), 0.0)
+            out[i : i + step] = np.rint(q * 255)
+        return out.reshape(self.data[group].shape)
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,15 @@ def explain(
         else None
     )
     return Explanation(pyr, clip, maps, motion, tube, view.class_tube, class_names, view)
+
+
+def prepare(
+    explainer: Explainer, options: PyramidOptions | None = None, view: ViewOptions | None = None
+) -> None:
+    """Build the instrumented session `explain` will run, ahead (while a clip decodes)."""
+    opts = as_options(options, PyramidOptions, "options")
+    plan = explainer.plan(opts.depth, maps=as_options(view, ViewOptions, "view").needs_maps)
+    explainer.session(explainer.taps(plan.depth, plan.full))
 
 
 def _shuffle_ratio(

@@ -267,6 +267,12 @@ def declared_shape(vi: onnx.ValueInfoProto) -> tuple[int | str | None, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
 
 
+def static_input(loaded: LoadedModel) -> bool:
+    """Whether every input dim but the batch is fixed: the clip cannot change the shape."""
+    dims = declared_shape(graph_input(loaded.proto))[1:]
+    return all(isinstance(d, int) and d > 0 for d in dims)
+
+
 def resolve_input_shape(
     proto: onnx.ModelProto, clip_shape: tuple[int, ...] | None
 ) -> tuple[int, ...]:

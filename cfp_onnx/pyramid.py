@@ -97,6 +97,32 @@ class Pyramid:
         return self._links[2]
 
     @cached_property
+    def parents(self) -> np.ndarray:
+        """Per node, whether it is the source of a link (found without expanding them)."""
+        out = np.zeros(len(self.node_layer), dtype=bool)
+        for b in self.blocks:
+            source, count = b.link_counts()
+            out[self.node_of[source[count > 0]]] = True
+        return out
+
+    def links_among(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The links whose source and target are both in `nodes`, in (source, target)
+        order: only those parents' steps are expanded."""
+        inside = np.zeros(len(self.node_layer), dtype=bool)
+        inside[np.asarray(nodes, dtype=np.int64)] = True
+        parts = []
+        for b in self.blocks:
+            s, t, r = b.expand(inside[self.node_of[b.parent]])
+            s, t = self.node_of[s], self.node_of[t]
+            keep = inside[t]
+            parts.append((s[keep], t[keep], r[keep]))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        s, t, r = (np.concatenate(x) for x in zip(*parts))
+        order = np.lexsort((t, s))
+        return s[order], t[order], r[order]
+
+    @cached_property
     def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         parts = [(self.node_of[b.parent[b.row]], b.channel, b.score) for b in self.blocks]
         if not parts:
@@ -120,7 +146,9 @@ class Pyramid:
 
     @property
     def n_links(self) -> int:
-        return len(self.link_source)
+        if "_links" in self.__dict__:
+            return len(self.link_source)
+        return sum(int(b.link_counts()[1].sum()) for b in self.blocks)
 
     @property
     def empty(self) -> bool:
@@ -342,10 +370,15 @@ class LinkBlock:
             return parent, np.ones(len(parent), np.int64)
         return self.parent[self.row], np.diff(to_numpy(self.indptr))[self.channel]
 
-    def expand(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Flat (parent kernel, child kernel, r') triples, one per link."""
-        entry, child = expand_csr(np, to_numpy(self.indptr), to_numpy(self.kernels), self.channel)
-        parent, score = self.parent[self.row][entry], self.score[entry]
+    def expand(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat (parent kernel, child kernel, r') triples, one per link (of the parents
+        where the mask `rows` is set, if given)."""
+        row, channel, score = self.row, self.channel, self.score
+        if rows is not None:
+            pick = rows[row]
+            row, channel, score = row[pick], channel[pick], score[pick]
+        entry, child = expand_csr(np, to_numpy(self.indptr), to_numpy(self.kernels), channel)
+        parent, score = self.parent[row][entry], score[entry]
         if self.injective:
             return parent, child, score
         n = int(max(parent.max(initial=0), child.max(initial=0))) + 1

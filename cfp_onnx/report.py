@@ -138,12 +138,10 @@ def _links(e: Explanation, shown: np.ndarray) -> list[list[float]]:
     p = e.pyramid
     if len(shown) == 0:
         return []
-    both = np.isin(p.link_source, shown) & np.isin(p.link_target, shown)
-    idx = np.flatnonzero(both)
-    idx = idx[np.argsort(-p.link_relevance[idx], kind="stable")[:MAX_LINKS]]
+    source, target, rel = p.links_among(shown)
+    idx = np.argsort(-rel, kind="stable")[:MAX_LINKS]
     return [
-        [int(s), int(t), round(float(r), 4)]
-        for s, t, r in zip(p.link_source[idx], p.link_target[idx], p.link_relevance[idx])
+        [int(s), int(t), round(float(r), 4)] for s, t, r in zip(source[idx], target[idx], rel[idx])
     ]
 
 

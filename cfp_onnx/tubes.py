@@ -85,8 +85,7 @@ def selections(
     """
     nodes = np.asarray(nodes, dtype=np.int64)
     n_all = len(pyr.node_layer)
-    parents = np.zeros(n_all, dtype=bool)
-    parents[pyr.link_source] = True
+    parents = pyr.parents
     has_kept = np.zeros(n_all, dtype=bool)
     has_kept[pyr.kept_node] = True
     ins = np.array([lay.input in available for lay in ex.layers], dtype=bool)
@@ -225,16 +224,27 @@ class TubeMaker:
         self.ex, self.pyr, self.run = ex, pyr, run
         self.size = tuple(int(s) for s in size)
         self.weighted = weighted
+        self._made: dict[tuple[bytes, frozenset[str]], list[Selection]] = {}
 
     def raw(self, nodes: np.ndarray, full: Mapping[str, Any] | None = None) -> list[Array]:
         """Feature-resolution maps of `nodes` (from `full`, default this run's maps)."""
         full = self.run.full if full is None else full
         out: list[Array] = [None] * len(nodes)
-        for sel in selections(self.ex, self.pyr, nodes, full, weighted=self.weighted):
+        for sel in self._selections(nodes, full):
             maps = raw_maps(self.ex.xp, full, sel)
             for i, pos in enumerate(sel.rows.tolist()):
                 out[pos] = maps[i]
         return out
+
+    def _selections(self, nodes: np.ndarray, full: Mapping[str, Any]) -> list[Selection]:
+        """`selections`, made once per node list and set of maps (the frame-shuffle run
+        reads the same kernels from maps of the same tensors)."""
+        nodes = np.asarray(nodes, dtype=np.int64)
+        key = (nodes.tobytes(), frozenset(full))
+        if key not in self._made:
+            self._made.clear()  # keep one: a maker is asked for one node list at a time
+            self._made[key] = selections(self.ex, self.pyr, nodes, full, weighted=self.weighted)
+        return self._made[key]
 
     def tubes(self, nodes: Sequence[int] | np.ndarray) -> Tubes:
         """Upsampled, normalised tubes of `nodes`, on the host."""
@@ -255,7 +265,7 @@ class TubeMaker:
         reduction per source tensor."""
         full = self.run.full if full is None else full
         out = np.zeros(len(nodes), dtype=np.float64)
-        for sel in selections(self.ex, self.pyr, nodes, full, weighted=self.weighted):
+        for sel in self._selections(nodes, full):
             maps = raw_maps(self.ex.xp, full, sel)
             pooled = self.ex.xp.maximum(maps, 0).reshape(len(sel.rows), -1).mean(axis=1)
             out[sel.rows] = to_numpy(pooled)

@@ -86,12 +86,20 @@ def test_links_written_in_runs_equal_the_sorted_list(exported):
     ex = Explainer(path, clip_shape=clip.shape)
     fresh = ex.explain(clip, theta=0.3, depth=4)
     assert fresh._steps_in_order() and "_links" not in fresh.__dict__
+    counted_total = fresh.n_links  # from the factored steps
     runs = list(fresh._link_runs())
     assert len(runs) > 1 and "_links" not in fresh.__dict__
     joined = [np.concatenate(c) for c in zip(*runs)]
     for got, want in zip(joined, (fresh.link_source, fresh.link_target, fresh.link_relevance)):
         assert np.array_equal(got, want)
     counted = [links for _, _, _, links in fresh.summary()]  # from the factored steps
+    some = np.random.default_rng(0).permutation(len(fresh.node_layer))[: len(fresh.node_layer) // 3]
+    got = fresh.links_among(some)
+    both = np.isin(fresh.link_source, some) & np.isin(fresh.link_target, some)
+    assert 0 < both.sum() < fresh.n_links == counted_total
+    for g, flat in zip(got, (fresh.link_source, fresh.link_target, fresh.link_relevance)):
+        assert np.array_equal(g, flat[both])
+    assert np.array_equal(np.flatnonzero(fresh.parents), np.unique(fresh.link_source))
     assert (
         counted
         == np.bincount(
