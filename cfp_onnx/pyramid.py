@@ -128,6 +128,9 @@ class Pyramid:
         if not parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         node, chan, score = (np.concatenate(x) for x in zip(*parts))
+        key = node * (np.int64(chan.max(initial=0)) + 1) + chan
+        if np.all(key[1:] > key[:-1]):  # steps in node order, rows and channels ascending
+            return node, chan, score
         order = np.lexsort((chan, node))
         return node[order], chan[order], score[order]
 
