@@ -157,13 +157,13 @@ def _while_decoding(
     """The Explainer (graph analysis, session) built while a thread decodes the clip.
 
     OpenCV releases the GIL while it decodes, so the two overlap. A bad clip is reported
-    before a bad model, as when the clip is read first; the thread is always joined
-    (Ctrl-C included: a thread left inside OpenCV at exit aborts the interpreter)."""
+    before a bad model, as when the clip is read first. The thread is always joined, Ctrl-C
+    included: a thread left inside OpenCV at exit aborts the interpreter."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfp-decode") as pool:
         clip = pool.submit(decode)
         try:
             explainer = make(None)
-        except BaseException:
+        except Exception:  # not Ctrl-C: leaving the block joins the thread, then it goes on
             clip.result()  # raises the clip's error, if it has one
             raise
         return explainer, clip.result()
