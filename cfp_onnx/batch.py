@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 
 from cfp_onnx.api import Explainer
@@ -539,6 +538,8 @@ relevance: its mean over those clips.</p>
 
 def class_report(doc: dict[str, Any], limit: int = 200) -> str:
     """A self-contained, autoescaped page: per depth, the kernels most shared by the class."""
+    import jinja2  # here, not at import: ``cfp explain`` loads this module with the parser
+
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     by_depth: dict[int, list[dict[str, Any]]] = {}
     for n in doc["nodes"]:
