@@ -35,12 +35,13 @@ from typing import Any
 import numpy as np
 
 from cfp_onnx.api import Explainer
+from cfp_onnx.digest import file_digest
 from cfp_onnx.errors import CfpError, OptionError, OutputError
 from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
 from cfp_onnx.options import ClipOptions, PyramidOptions
-from cfp_onnx.outputs import file_digest, guard, staged_dir, write_file
+from cfp_onnx.outputs import guard, staged_dir, write_file
 from cfp_onnx.provenance import KernelSpace
 from cfp_onnx.video import (
     IMAGE_EXTENSIONS,

@@ -23,6 +23,7 @@ import numpy as np
 from cfp_onnx import outputs
 from cfp_onnx.api import Explainer
 from cfp_onnx.compare import Agreement
+from cfp_onnx.digest import file_digest
 from cfp_onnx.errors import ModelError, OutputError
 from cfp_onnx.explanation import Explanation, explain, prepare
 from cfp_onnx.loading import LoadedModel, load_model, resolve_input_shape, static_input
@@ -171,7 +172,7 @@ def _while_decoding(
 
 def _marker(loaded: LoadedModel) -> Callable[[], dict[str, Any]]:
     """The output marker, its model hash computed on a thread meanwhile."""
-    digest = outputs.file_digest(loaded.path)
+    digest = file_digest(loaded.path)
 
     def mark() -> dict[str, Any]:
         return outputs.marker(model={"name": loaded.name, "sha256": digest.result()})

@@ -14,6 +14,8 @@ the gathers and the compaction.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -159,7 +161,7 @@ def write_rows(
 
     def tasks() -> Iterator[tuple[Sequence[Column], int, bool]]:
         first = True
-        for columns in segments:
+        for columns in _ahead(segments):
             for lo in range(0, len(columns[0]) if columns else 0, chunk):
                 yield columns, lo, first
                 first = False
@@ -175,6 +177,49 @@ def _layout(literals: Sequence[bytes], columns: Sequence[Column]) -> tuple[list[
     edge = np.concatenate([[0], np.cumsum(widths)]).astype(int).tolist()
     parts = [b", " + literals[0]] + [b"\0" * c.width + lit for c, lit in zip(columns, literals[1:])]
     return edge, np.frombuffer(b"".join(parts), np.uint8)
+
+
+def _ahead(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """`items`, drawn on a thread up to `depth` ahead of the caller (a pyramid's next
+    back-step is expanded while this one is formatted and written). An error raised
+    while drawing is raised to the caller; a caller that stops early stops the thread."""
+    if (os.cpu_count() or 1) < 2:
+        yield from items
+        return
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put((kind, value), timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def draw() -> None:
+        try:
+            for item in items:
+                if not put("item", item):
+                    return
+            put("end", None)
+        except BaseException as e:  # handed to the caller, raised there
+            put("error", e)
+
+    t = threading.Thread(target=draw, name="cfp-json-draw", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+    finally:
+        stop.set()
+        t.join()
 
 
 def _ordered(fn: Callable[..., bytes], tasks: Iterator[tuple[Any, ...]]) -> Iterator[bytes]:

@@ -11,7 +11,6 @@ fully staged but not yet renamed into place, so a test can signal a run mid-writ
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -22,9 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,24 +100,6 @@ def marker(**fields: Any) -> dict[str, Any]:
     from cfp_onnx import __version__
 
     return {"tool": "cfp_onnx", "version": __version__, "command": sys.argv, **fields}
-
-
-def file_digest(path: str | os.PathLike[str]) -> Future[str]:
-    """sha256 of a file, computed on a thread (hashlib releases the GIL) while work goes on."""
-
-    def digest() -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        return h.hexdigest()
-
-    return _digests().submit(digest)
-
-
-@lru_cache(maxsize=1)
-def _digests() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfp-hash")
 
 
 @contextmanager

@@ -111,3 +111,24 @@ def test_links_written_in_runs_equal_the_sorted_list(exported):
     again = io.BytesIO()
     fresh.write_json(again, chunk=5)  # from the flat list, expanded above
     assert streamed.getvalue() == again.getvalue()
+
+
+def test_segments_drawn_ahead_keep_their_order_and_raise_their_errors():
+    """Segments are made on a thread while earlier ones are written: same rows, same
+    order, an error made while drawing reaches the caller, and the thread is gone after."""
+    import threading
+
+    def segments(fail_at: int | None):
+        for i in range(6):
+            if i == fail_at:
+                raise RuntimeError("segment broke")
+            yield [jsonrows.numbers(np.arange(i * 10, i * 10 + i))]
+
+    out = io.BytesIO()
+    jsonrows.write_rows(out, [b"", b""], segments(None), chunk=2)
+    assert json.loads(b"[" + out.getvalue() + b"]") == [
+        v for i in range(6) for v in range(i * 10, i * 10 + i)
+    ]
+    with pytest.raises(RuntimeError, match="segment broke"):
+        jsonrows.write_rows(io.BytesIO(), [b"", b""], segments(3), chunk=2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("cfp-json")]
