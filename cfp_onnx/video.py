@@ -258,6 +258,13 @@ class _Source:
         """Read the frames at ``indices`` (any order, repeats allowed) as RGB uint8."""
         raise NotImplementedError
 
+    def sampled(
+        self, pick: Callable[[int], np.ndarray], transform: FrameTransform | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, frames)`` for ``indices = pick(count())``."""
+        indices = pick(self.count())
+        return indices, self.read(indices, transform)
+
     def stream(
         self, picks: list[np.ndarray], transform: FrameTransform | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -337,16 +344,47 @@ class _VideoSource(_Source):
                 n = 0
                 while cap.grab():
                     n += 1
-            if n == 0:
-                raise ClipError(
-                    f"{self.path}: video decodes to zero frames; re-encode it or check it is complete"
-                )
-            if self._reported > 0 and n < self._reported:
-                log.warning(
-                    "%s: header says %d frames, only %d decode", self.path, self._reported, n
-                )
-            self._count = n
+            self._counted(n)
+        assert self._count is not None
         return self._count
+
+    def _counted(self, n: int) -> None:
+        if n == 0:
+            raise ClipError(
+                f"{self.path}: video decodes to zero frames; re-encode it or check it is complete"
+            )
+        if self._reported > 0 and n < self._reported:
+            log.warning("%s: header says %d frames, only %d decode", self.path, self._reported, n)
+        self._count = n
+
+    def sampled(
+        self, pick: Callable[[int], np.ndarray], transform: FrameTransform | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One decoding pass where the header's frame count is right (the usual case): the
+        frames `pick` wants of that count are kept as the stream is decoded to its end,
+        which counts it. A header that is wrong costs a second pass, never a wrong pick."""
+        if self._count is not None or self._reported <= 0:
+            return super().sampled(pick, transform)
+        try:
+            guess = pick(self._reported)
+        except ClipError:  # too short by the header: count it for real
+            return super().sampled(pick, transform)
+        wanted = set(guess.tolist())
+        got: dict[int, np.ndarray] = {}
+        with _capture(self.path) as cap:
+            n = 0
+            while cap.grab():
+                if n in wanted:
+                    ok, bgr = cap.retrieve()
+                    if ok and bgr is not None:
+                        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                        got[n] = transform(rgb) if transform else rgb
+                n += 1
+        self._counted(n)
+        indices = pick(n)
+        if n != self._reported or len(got) < len(wanted) or not np.array_equal(indices, guess):
+            return indices, self.read(indices, transform)
+        return indices, np.stack([got[int(i)] for i in indices])
 
     def read(self, indices: np.ndarray, transform: FrameTransform | None = None) -> np.ndarray:
         wanted = set(int(i) for i in indices)
@@ -637,10 +675,10 @@ def load_clip(
         _check_path(p)
         return _load_tensor(p, preprocess, limit)
     source = _open_source(p)
-    indices = sample_indices(
-        source.count(), preprocess.frames, sampling, preprocess.stride, loop=loop
+    indices, frames = source.sampled(
+        lambda n: sample_indices(n, preprocess.frames, sampling, preprocess.stride, loop=loop),
+        _spatial(preprocess, limit),
     )
-    frames = source.read(indices, _spatial(preprocess, limit))
     return _make_clip(source, indices, frames, preprocess)
 
 

@@ -349,3 +349,29 @@ def test_pickled_npy_is_refused(tmp_path: Path) -> None:
 def test_preprocess_options_are_checked(kwargs: dict[str, object]) -> None:
     with pytest.raises(OptionError):
         Preprocess(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("header", ["right", "too many", "too few", "none"])
+def test_sampled_frames_equal_counting_then_reading(
+    mp4: Path, header: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pass when the header's frame count is right; a wrong header (a second pass)
+    or none still gives exactly the frames that counting and then reading gives."""
+    from cfp_onnx import video
+
+    opened: list[Path] = []
+    real = video._capture
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def __init__(self, path: Path) -> None:
+            opened.append(path)
+            super().__init__(path)
+
+    source = video._open_source(mp4)
+    assert isinstance(source, video._VideoSource) and source._reported == T
+    source._reported = {"right": T, "too many": T + 5, "too few": T - 4, "none": 0}[header]
+    monkeypatch.setattr(video, "_capture", Counting)
+    indices, frames = source.sampled(lambda n: sample_indices(n, 5))
+    assert len(opened) == (1 if header == "right" else 2)
+    assert indices.tolist() == sample_indices(T, 5).tolist()
+    np.testing.assert_array_equal(frames, read_frames(mp4)[indices])

@@ -71,8 +71,17 @@ of arrays and onnxruntime sessions one object at a time: ~0.1 s of a 1 s explain
 ``batch`` (Ray's shutdown) and ``export`` (torch, TensorFlow) exit normally."""
 
 
+BLAS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+"""Set (unless the user set them) before NumPy loads. NumPy's OpenBLAS threads busy-wait
+for ~2^28 cycles after every matrix product, on the cores onnxruntime and the pyramid
+need next: measured, 0.2-0.35 s of CPU in a 1.7 s ``cfp explain`` on 2 cores. 2^4
+cycles: they sleep at once, and large products still use every core."""
+
+
 def console() -> NoReturn:
     """The ``cfp`` script: `main`, then the exit (see `LEAVE_AT_ONCE`)."""
+    for key, value in BLAS_ENV.items():
+        os.environ.setdefault(key, value)
     code = main()
     if _command in LEAVE_AT_ONCE:
         for stream in (sys.stdout, sys.stderr):
