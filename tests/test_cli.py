@@ -171,3 +171,21 @@ def test_python_api_reads_videos_with_the_models_preprocessing(tmp_path):
     tensor = load_clip(tmp_path / "c.avi", preprocess_for(load_model(model))).tensor
     b = cfp_onnx.explain(model, tensor)
     assert a.label_name == "move_right" and a.to_dict()["nodes"] == b.to_dict()["nodes"]
+
+
+@pytest.mark.parametrize("user", [None, "20"])
+def test_the_cfp_script_sets_blas_threads_to_sleep_before_numpy_loads(user):
+    """OpenBLAS reads its environment once, when NumPy loads: the script must set it first,
+    and never over a value the user chose."""
+    code = (
+        "import os, sys\n"
+        f"user = {user!r}\n"
+        "os.environ.pop('OPENBLAS_THREAD_TIMEOUT', None)\n"
+        "if user: os.environ['OPENBLAS_THREAD_TIMEOUT'] = user\n"
+        "import cfp_onnx.cli.main as m\n"
+        "assert 'numpy' not in sys.modules\n"
+        "m.main = lambda: print(os.environ['OPENBLAS_THREAD_TIMEOUT'], 'numpy' in sys.modules) or 0\n"
+        "m.console()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [user or "4", "False"]
