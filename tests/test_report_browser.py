@@ -152,3 +152,30 @@ def test_page_tubes_equal_tubes_py(page, report_path: Path) -> None:  # type: ig
             got = rgba.reshape(size[1], size[2], 4)[..., :3]
             diff = np.abs(got.astype(int) - blended[k].astype(int))
             assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 4, (node, k, diff.max())
+
+
+@pytest.mark.parametrize("width", [1920, 800])
+def test_layout_fits_the_screen_and_the_profile_shows_with_its_label(
+    report_path: Path, width: int
+) -> None:
+    """1920 px: the viewer sits beside the graph, with the temporal profile under its label.
+    800 px: nothing wider than the screen, and the profile hidden with its label (a label
+    left over an empty space reads as a missing plot)."""
+    with chromium() as d:
+        d.set_window_size(width, 1000)
+        d.get(report_path.as_uri())
+        wait_ready(d)
+        state = d.execute_script(
+            "function shown(id) { var e = document.getElementById(id);"
+            "  return !!e && e.getClientRects().length > 0 && getComputedStyle(e).display !== 'none'; }"
+            "var v = document.querySelector('.viewer').getBoundingClientRect();"
+            "var g = document.getElementById('graph-0').getBoundingClientRect();"
+            "return {label: shown('profile-label-0'), plot: shown('profile-0'),"
+            "  points: document.querySelectorAll('#profile-0 polyline').length,"
+            "  beside: v.left >= g.right - 1, scroll: document.documentElement.scrollWidth,"
+            "  inner: window.innerWidth};"
+        )
+    assert state["label"] == state["plot"] == (width == 1920)
+    assert state["points"] == 1  # drawn for the selected kernel either way
+    assert state["beside"] == (width == 1920)
+    assert state["scroll"] <= state["inner"]

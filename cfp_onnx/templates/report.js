@@ -213,8 +213,8 @@
     info.textContent = "layer " + short(name(v, node)) + "\nchannel " + v.nodes.channel[node] +
       ", depth " + v.nodes.depth[node] + ", relevance " + v.nodes.relevance[node].toFixed(3) +
       "\nshuffle test: " + shuffleLabel(v, node) +
-      (ratio === null || ratio === undefined ? "" : " (response x" + ratio.toFixed(2) + " with frames shuffled)") +
-      (st.profile ? "\ntemporal profile (tube mean per frame):" : "");
+      (ratio === null || ratio === undefined ? "" : " (response x" + ratio.toFixed(2) + " with frames shuffled)");
+    $("profile-label-" + i).hidden = !st.profile;
     info.setAttribute("title", name(v, node));
     document.querySelectorAll("#graph-" + i + " circle").forEach(function (c) {
       c.classList.toggle("sel", c.getAttribute("data-node") === String(node));
