@@ -125,8 +125,17 @@ def explain_to(
                 names = checked_names(loaded, explainer)
             folder = tmp / f"window_{i:03d}" if windowed else tmp
             folder.mkdir(exist_ok=True)
-            e = explain(explainer, c, model_input, opts, vopts, class_names=names)
-            outputs.write(e, folder)
+            with outputs.early_pyramid(folder) as early:  # pyramid.json written meanwhile
+                e = explain(
+                    explainer,
+                    c,
+                    model_input,
+                    opts,
+                    vopts,
+                    class_names=names,
+                    on_pyramid=early.start,
+                )
+                outputs.write(e, folder, early=early)
             final = Path(out) / folder.relative_to(tmp)
             if on_result:
                 on_result(e, final)

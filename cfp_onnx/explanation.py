@@ -9,6 +9,7 @@ them runs the model again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -140,9 +141,12 @@ def explain(
     view: ViewOptions | None = None,
     *,
     class_names: tuple[str, ...] | None = None,
+    on_pyramid: Callable[[Pyramid], None] | None = None,
 ) -> Explanation:
     """Explain `clip` (a Clip, an array or a file, read through `model_input`): one forward
-    (two with the shuffle test), then array code only."""
+    (two with the shuffle test), then array code only. `on_pyramid` is called with the
+    pyramid as soon as it exists (``cfp explain`` starts writing ``pyramid.json`` there,
+    while the maps, the shuffle run and the class tube are computed)."""
     from cfp_onnx.api import Explainer
     from cfp_onnx.modelinput import ModelInput
 
@@ -157,6 +161,8 @@ def explain(
     plan = explainer.plan(opts.depth, maps=view.needs_maps)
     run = explainer.run(clip.tensor, depth=plan.depth, full=plan.full)
     pyr = explainer.pyramid(run, opts, class_names=class_names)
+    if on_pyramid is not None:
+        on_pyramid(pyr)
     size = clip.frames.shape[:3]
     maps = motion = None
     if view.needs_maps and view.maps and not pyr.empty:

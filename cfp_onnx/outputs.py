@@ -21,9 +21,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -32,6 +34,7 @@ from cfp_onnx.options import as_path
 
 if TYPE_CHECKING:
     from cfp_onnx.explanation import Explanation
+    from cfp_onnx.pyramid import Pyramid
 
 
 MARKER = ".cfp-output.json"
@@ -266,13 +269,88 @@ def write_file(
 # --------------------------------------------------------------------------- an explanation's files
 
 
-def write(explanation: Explanation, folder: Path, *, html: str | None = None) -> list[Path]:
+class _Abandoned(Exception):
+    """The early pyramid.json writer was told to stop (the run failed or was interrupted)."""
+
+
+class _Stoppable:
+    """A binary file whose writes stop once `stop` is set."""
+
+    def __init__(self, f: BinaryIO, stop: threading.Event) -> None:
+        self._f, self._stop = f, stop
+
+    def write(self, data: bytes) -> int:
+        if self._stop.is_set():
+            raise _Abandoned
+        return self._f.write(data)
+
+
+class EarlyPyramid:
+    """``pyramid.json`` written on a thread from the moment the pyramid exists.
+
+    The file of a ResNet-50-3D pyramid is 124 MB and takes ~0.4 s to format and write;
+    the rest of an explanation (every kernel's map, the frame-shuffle run, the class tube,
+    the page) does not need it, so the two overlap. `write` waits for it and raises its
+    error; a failed or interrupted run stops it before its staging folder is removed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "pyramid.json"
+        self._stop = threading.Event()
+        self._future: Future[None] | None = None
+
+    def start(self, pyramid: Pyramid) -> None:
+        if self._future is None:
+            self._future = _early_pool().submit(self._write, pyramid)
+
+    def _write(self, pyramid: Pyramid) -> None:
+        with self.path.open("wb") as f:
+            pyramid.write_json(_Stoppable(f, self._stop))  # type: ignore[arg-type]
+
+    def wait(self) -> bool:
+        """Block until the file is written (raising the writer's error); False if it
+        was never started."""
+        if self._future is None:
+            return False
+        self._future.result()
+        return True
+
+    def stop(self) -> None:
+        """Stop the writer, if it still runs, and wait for it to leave the file."""
+        self._stop.set()
+        if self._future is not None:
+            with suppress(Exception):
+                self._future.result()
+
+
+@contextmanager
+def early_pyramid(folder: Path) -> Iterator[EarlyPyramid]:
+    """An `EarlyPyramid` for `folder`, always stopped and joined on leaving."""
+    early = EarlyPyramid(folder)
+    try:
+        yield early
+    finally:
+        early.stop()
+
+
+@lru_cache(maxsize=1)
+def _early_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfp-pyramid-json")
+
+
+def write(
+    explanation: Explanation,
+    folder: Path,
+    *,
+    html: str | None = None,
+    early: EarlyPyramid | None = None,
+) -> list[Path]:
     """Write what `explanation.options` asks for into `folder` (staged by the caller).
 
     ``pyramid.json`` always (SPEC §5), ``reference.json`` + ``tree.json`` with
     ``format="reference"``, ``class_tube.npy`` (signed, clip size) with a class tube,
     ``tubes/`` pictures of the graph's kernels only when ``tube_files`` names some, and
-    ``report.html`` (`html`, or rendered here) unless ``report=False``.
+    ``report.html`` (`html`, or rendered here) unless ``report=False``. With `early`
+    started on this explanation's pyramid, ``pyramid.json`` is the file it writes.
 
     Raises:
         OutputError: the disk is full, read-only, or the folder vanished.
@@ -280,8 +358,6 @@ def write(explanation: Explanation, folder: Path, *, html: str | None = None) ->
     e, opts = explanation, explanation.options
     written = [folder / "pyramid.json"]
     try:
-        with written[0].open("wb") as f:
-            e.pyramid.write_json(f)
         if opts.format == "reference":
             for name, doc in (
                 ("reference.json", e.pyramid.to_reference()),
@@ -300,6 +376,9 @@ def write(explanation: Explanation, folder: Path, *, html: str | None = None) ->
             page = html if html is not None else report.render([e])
             (folder / "report.html").write_text(page, encoding="utf-8")
             written.append(folder / "report.html")
+        if early is None or not early.wait():
+            with written[0].open("wb") as f:
+                e.pyramid.write_json(f)
     except OSError as exc:
         where = folder.name.split(".")[1] if folder.name.startswith(".") else folder.name
         raise OutputError(

@@ -117,3 +117,103 @@ def test_default_outputs_besides_the_pyramid_fit_15_mb(tmp_path: Path) -> None:
     view = json.loads(data.group(1))["views"][0]
     nodes = len(json.loads((tmp_path / "o" / "pyramid.json").read_text())["nodes"])
     assert len(view["maps"]["group"]) == len(view["nodes"]["layer"]) == nodes > 10_000
+
+
+def _staged(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".") and "cfp" in p.name)
+
+
+def test_pyramid_json_written_during_the_rest_equals_the_pyramid(case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`cfp explain` starts pyramid.json as soon as the pyramid exists: the file is the
+    pyramid's own document, and it was started before the maps were made."""
+    from cfp_onnx import explanation, outputs
+
+    path, root, clip = case
+    events: list[str] = []
+    start, build = outputs.EarlyPyramid.start, explanation.KernelMaps.build
+    monkeypatch.setattr(outputs.EarlyPyramid, "start",
+                        lambda self, p: events.append("json") or start(self, p))  # fmt: skip
+    monkeypatch.setattr(explanation.KernelMaps, "build",
+                        classmethod(lambda cls, *a: events.append("maps") or build(*a)))  # fmt: skip
+    done = explain_to(path, root / "clip.npy", root / "early", pyramid=PyramidOptions(depth=3))
+    assert events == ["json", "maps"]
+    assert done[0].explanation is not None
+    assert (root / "early" / "pyramid.json").read_bytes() == done[
+        0
+    ].explanation.pyramid.to_json().encode()
+
+
+@pytest.mark.parametrize("fault", ["maps fail", "json fails", "interrupted"])
+def test_a_fault_while_pyramid_json_is_written_leaves_nothing(case, monkeypatch, fault) -> None:  # type: ignore[no-untyped-def]
+    """The early writer is stopped and joined before the staging folder goes: a failure
+    in the rest of the run, the writer's own (a full disk) or Ctrl-C leaves no output,
+    no staging folder and no writer still running."""
+    import errno
+    import threading
+
+    from cfp_onnx import explanation, outputs, pyramid
+    from cfp_onnx.errors import OutputError
+
+    path, root, _ = case
+    out = root / f"fault-{fault.split()[0]}"
+    futures: list[object] = []
+    start = outputs.EarlyPyramid.start
+
+    def spy(self, p):  # type: ignore[no-untyped-def]
+        start(self, p)
+        futures.append(self._future)
+
+    monkeypatch.setattr(outputs.EarlyPyramid, "start", spy)
+    if fault == "json fails":
+
+        def full(self, fp, *a, **k):  # type: ignore[no-untyped-def]
+            fp.write(b"{")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(pyramid.Pyramid, "write_json", full)
+        expected: type[BaseException] = OutputError
+    else:
+        slow_write = pyramid.Pyramid.write_json
+        gate = threading.Event()
+
+        def slow(self, fp, *a, **k):  # type: ignore[no-untyped-def]
+            gate.wait(10)  # still writing when the main thread fails
+            return slow_write(self, fp, *a, **k)
+
+        monkeypatch.setattr(pyramid.Pyramid, "write_json", slow)
+        error = RuntimeError("maps broke") if fault == "maps fail" else KeyboardInterrupt()
+
+        def broken(cls, *a):  # type: ignore[no-untyped-def]
+            gate.set()
+            raise error
+
+        monkeypatch.setattr(explanation.KernelMaps, "build", classmethod(broken))
+        expected = type(error)
+    with pytest.raises(expected):
+        explain_to(path, root / "clip.npy", out, pyramid=PyramidOptions(depth=3))
+    assert not out.exists() and _staged(root) == []
+    assert len(futures) == 1 and futures[0].done()  # type: ignore[attr-defined]
+
+
+def test_a_stopped_early_writer_stops_between_blocks(tmp_path: Path) -> None:
+    """stop() ends a write in progress at its next block, not after the whole file."""
+    import threading
+
+    from cfp_onnx import outputs
+
+    writes: list[int] = []
+    begun = threading.Event()
+
+    class Endless:
+        def write_json(self, fp):  # type: ignore[no-untyped-def]
+            for i in range(10_000):
+                fp.write(b"x" * 1000)
+                writes.append(i)
+                begun.set()
+                threading.Event().wait(0.001)
+
+    with outputs.early_pyramid(tmp_path) as early:
+        early.start(Endless())  # type: ignore[arg-type]
+        assert begun.wait(10)
+    assert early._future is not None and early._future.done()
+    assert 0 < len(writes) < 10_000
