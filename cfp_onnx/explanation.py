@@ -40,19 +40,26 @@ class KernelMaps:
 
     @classmethod
     def build(cls, maker: tubes_mod.TubeMaker, n_nodes: int) -> KernelMaps:
-        """The maps of nodes ``0 .. n_nodes-1`` from the maker's run."""
-        raw = [np.asarray(to_numpy(m), np.float32) for m in maker.raw(np.arange(n_nodes))]
-        raw = [m.reshape(m.shape[-3:]) for m in raw]
-        shapes = tuple(dict.fromkeys(m.shape for m in raw))
-        where = {s: i for i, s in enumerate(shapes)}
-        group = np.array([where[m.shape] for m in raw], dtype=np.int64)
+        """The maps of nodes ``0 .. n_nodes-1`` from the maker's run: one block per source
+        tensor, regrouped by resolution (groups in order of their first node)."""
+        parts = []
+        for rows, maps in maker.blocks(np.arange(n_nodes)):
+            m = np.asarray(to_numpy(maps), np.float32)
+            parts.append((rows, m.reshape(len(m), *m.shape[-3:])))
+        by_shape: dict[tuple[int, int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
+        for rows, m in sorted(parts, key=lambda p: int(p[0].min(initial=n_nodes))):
+            by_shape.setdefault(m.shape[1:], []).append((rows, m))  # type: ignore[arg-type]
+        group = np.full(n_nodes, -1, dtype=np.int64)
         slot = np.zeros(n_nodes, dtype=np.int64)
         data = []
-        for g, _ in enumerate(shapes):
-            members = np.flatnonzero(group == g)
-            slot[members] = np.arange(len(members))
-            data.append(np.stack([raw[i] for i in members.tolist()]))
-        return cls(tuple(s for s in shapes), group, slot, tuple(data))  # type: ignore[misc]
+        for g, members in enumerate(by_shape.values()):
+            rows = np.concatenate([r for r, _ in members])
+            order = np.argsort(rows, kind="stable")  # a group's maps in node order
+            group[rows], slot[rows[order]] = g, np.arange(len(rows))
+            data.append(np.concatenate([m for _, m in members])[order])
+        if n_nodes and group.min() < 0:
+            raise AssertionError("a pyramid kernel got no map")
+        return cls(tuple(by_shape), group, slot, tuple(data))
 
     def raw(self, node: int) -> np.ndarray:
         return self.data[int(self.group[node])][int(self.slot[node])]

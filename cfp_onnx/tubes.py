@@ -228,13 +228,20 @@ class TubeMaker:
 
     def raw(self, nodes: np.ndarray, full: Mapping[str, Any] | None = None) -> list[Array]:
         """Feature-resolution maps of `nodes` (from `full`, default this run's maps)."""
-        full = self.run.full if full is None else full
         out: list[Array] = [None] * len(nodes)
-        for sel in self._selections(nodes, full):
-            maps = raw_maps(self.ex.xp, full, sel)
-            for i, pos in enumerate(sel.rows.tolist()):
+        for rows, maps in self.blocks(nodes, full):
+            for i, pos in enumerate(rows.tolist()):
                 out[pos] = maps[i]
         return out
+
+    def blocks(
+        self, nodes: np.ndarray, full: Mapping[str, Any] | None = None
+    ) -> Iterator[tuple[np.ndarray, Array]]:
+        """The maps of `nodes` a source tensor at a time: ``(rows, maps)``, where
+        ``maps[i]`` (``[T', H', W']``) is the map of ``nodes[rows[i]]``."""
+        full = self.run.full if full is None else full
+        for sel in self._selections(nodes, full):
+            yield sel.rows, raw_maps(self.ex.xp, full, sel)
 
     def _selections(self, nodes: np.ndarray, full: Mapping[str, Any]) -> list[Selection]:
         """`selections`, made once per node list and set of maps (the frame-shuffle run
