@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ class Explainer:
         self.provenance: Provenance = trace(self.graph, self.layers, self.head)
         self._csr: dict[int, Csr] = {}
         self._steps: dict[int, LayerStep] = {}
+        self._means: dict[int, Future[np.ndarray]] = {}  # tap means read ahead (prefetch)
         self._sessions: dict[tuple[str, ...], Session] = {}
         self._estimates: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.input_dtype = onnx.helper.tensor_dtype_to_np_dtype(
@@ -377,19 +379,36 @@ class Explainer:
             pooled=lambda i: xp.asarray(run.pooled[self.layers[i].input], dtype=xp.float64),
         )
 
+    def prefetch(self, depth: int) -> None:
+        """Read and average the weights of every layer a depth-`depth` pyramid may expand,
+        on a thread, while the clip decodes and the forward runs: in a fresh process that
+        is ~0.07 s of a ResNet-50-3D pyramid's 0.1 s (file reads into new pages), and the
+        back-step needs it only after the forward. `step` takes the result (or its error)."""
+        todo = [i for i in self.expanded_layers(depth).tolist() if i not in self._steps]
+        for i in todo:
+            if i not in self._means:
+                self._means[i] = _weight_reader().submit(self.layers[i].tap_means)
+
     def step(self, layer: int) -> LayerStep:
         """Back-step data of a layer, computed once per Explainer."""
         if layer not in self._steps:
             lay, csr, xp = self.layers[layer], self.input_csr(layer), self.xp
+            ahead = self._means.pop(layer, None)
+            means = ahead.result() if ahead is not None else lay.tap_means()
             injective = len(np.unique(csr.kernels)) == len(csr.kernels)
             self._steps[layer] = LayerStep(
-                xp.asarray(lay.tap_means()),
+                xp.asarray(means),
                 lay.group,
                 xp.asarray(csr.indptr),
                 xp.asarray(csr.kernels),
                 injective,
             )
         return self._steps[layer]
+
+
+@lru_cache(maxsize=1)
+def _weight_reader() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfp-weights")
 
 
 def _own_output(proto: onnx.ModelProto) -> str | None:

@@ -166,6 +166,7 @@ def explain(
     opts = as_options(options, PyramidOptions, "options")
     view = as_options(view, ViewOptions, "view")
     plan = explainer.plan(opts.depth, maps=view.needs_maps)
+    explainer.prefetch(plan.depth)  # the back-step's weights read during the forward
     run = explainer.run(clip.tensor, depth=plan.depth, full=plan.full)
     pyr = explainer.pyramid(run, opts, class_names=class_names)
     if on_pyramid is not None:
@@ -191,6 +192,7 @@ def prepare(
     """Build the instrumented session `explain` will run, ahead (while a clip decodes)."""
     opts = as_options(options, PyramidOptions, "options")
     plan = explainer.plan(opts.depth, maps=as_options(view, ViewOptions, "view").needs_maps)
+    explainer.prefetch(plan.depth)
     explainer.session(explainer.taps(plan.depth, plan.full))
 
 

@@ -217,3 +217,28 @@ def test_a_stopped_early_writer_stops_between_blocks(tmp_path: Path) -> None:
         assert begun.wait(10)
     assert early._future is not None and early._future.done()
     assert 0 < len(writes) < 10_000
+
+
+def test_weights_read_ahead_give_the_same_pyramid_and_their_errors(case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """prefetch() averages the expandable layers' weights on a thread: the pyramid is the
+    one computed without it, and a read that failed there fails the back-step."""
+    path, _, clip = case
+    opts = PyramidOptions(depth=3, theta=0.4, top_n=4)
+    plain = Explainer(path, clip_shape=clip.shape).explain(clip, opts).to_json()
+    ahead = Explainer(path, clip_shape=clip.shape)
+    ahead.prefetch(3)
+    assert len(ahead._means) == len(ahead.expanded_layers(3)) > 0
+    assert ahead.explain(clip, opts).to_json() == plain
+    assert ahead._means == {}  # every read-ahead taken by its step
+
+    broken = Explainer(path, clip_shape=clip.shape)
+    first = int(broken.expanded_layers(3)[0])
+    layer = broken.layers[first]
+
+    def unreadable() -> np.ndarray:
+        raise OSError(5, "Input/output error")
+
+    object.__setattr__(layer, "tap_means", unreadable)
+    broken.prefetch(3)
+    with pytest.raises(OSError, match="Input/output"):
+        broken.explain(clip, opts)
