@@ -264,10 +264,11 @@ class Pyramid:
             return
         n = np.int64(len(self.node_layer))
         for b in self.blocks:
-            s, t, r = b.expand()
-            s, t = self.node_of[s], self.node_of[t]
-            order = np.argsort(s * n + t, kind="stable")  # parents ascending: runs sorted
-            yield s[order], t[order], r[order]
+            for lo, hi in b.pieces(RUN_LINKS):
+                s, t, r = b.expand_pairs(lo, hi)
+                s, t = self.node_of[s], self.node_of[t]
+                order = np.argsort(s * n + t, kind="stable")  # parents ascending: runs sorted
+                yield s[order], t[order], r[order]
 
     def _steps_in_order(self) -> bool:
         bounds = [self.node_of[to_numpy(b.parents)] for b in self.blocks if len(b.parents)]
@@ -329,6 +330,12 @@ def _children(p: Pyramid) -> dict[int, list[Any]]:
 # --------------------------------------------------------------------------- building
 
 
+RUN_LINKS = 1 << 16
+"""Links expanded at once while ``pyramid.json`` is written: the writer formats one run
+while the next is made, and the first is ready soon (a ResNet-50's head step alone
+has 1 M links)."""
+
+
 @dataclass(frozen=True)
 class LinkBlock:
     """The links out of one layer's back-step, factored: parent ``parent[row]`` keeps input
@@ -380,6 +387,28 @@ class LinkBlock:
         if rows is not None:
             pick = rows[row]
             row, channel, score = row[pick], channel[pick], score[pick]
+        return self._expand(row, channel, score)
+
+    def pieces(self, links: int) -> list[tuple[int, int]]:
+        """Ranges of kept pairs, each of whole parents and about `links` links: a step
+        expanded a piece at a time (the kept pairs run in parent order)."""
+        n = len(self.row)
+        starts = np.flatnonzero(np.diff(self.row)) + 1  # where each later parent begins
+        if n == 0 or len(starts) == 0:
+            return [(0, n)]
+        cum = np.cumsum(np.diff(to_numpy(self.indptr))[self.channel])
+        want = np.searchsorted(cum, np.arange(links, int(cum[-1]), links))
+        cuts = np.unique(starts[np.minimum(np.searchsorted(starts, want), len(starts) - 1)])
+        edges = [0, *cuts.tolist(), n]
+        return list(itertools.pairwise(edges))
+
+    def expand_pairs(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`expand` of the kept pairs ``lo:hi`` (whole parents: see `pieces`)."""
+        return self._expand(self.row[lo:hi], self.channel[lo:hi], self.score[lo:hi])
+
+    def _expand(
+        self, row: np.ndarray, channel: np.ndarray, score: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         entry, child = expand_csr(np, to_numpy(self.indptr), to_numpy(self.kernels), channel)
         parent, score = self.parent[row][entry], score[entry]
         if self.injective:

@@ -78,9 +78,14 @@ def test_segments_follow_one_another_and_every_number_kind_is_exact():
     assert [r["f"] for r in rows] == floats.tolist()
 
 
-def test_links_written_in_runs_equal_the_sorted_list(exported):
-    """The writer's per-step runs, joined, are the globally sorted link list; a pyramid
-    whose links were already expanded writes the same bytes."""
+@pytest.mark.parametrize("run_links", [1 << 16, 7, 1])
+def test_links_written_in_runs_equal_the_sorted_list(exported, monkeypatch, run_links):
+    """The writer's runs (a step at a time, cut into pieces of whole parents of about
+    `run_links` links), joined, are the globally sorted link list; a pyramid whose links
+    were already expanded writes the same bytes."""
+    from cfp_onnx import pyramid
+
+    monkeypatch.setattr(pyramid, "RUN_LINKS", run_links)
     _, path = exported("residual")
     clip = np.random.default_rng(3).standard_normal(nets.CLIP).astype(np.float32)
     ex = Explainer(path, clip_shape=clip.shape)
@@ -89,6 +94,10 @@ def test_links_written_in_runs_equal_the_sorted_list(exported):
     counted_total = fresh.n_links  # from the factored steps
     runs = list(fresh._link_runs())
     assert len(runs) > 1 and "_links" not in fresh.__dict__
+    pieces = sum(len(b.pieces(run_links)) for b in fresh.blocks)
+    assert len(runs) == pieces and (pieces > len(fresh.blocks)) == (run_links < 1 << 16)
+    parents = [set(s.tolist()) for s, _, _ in runs]
+    assert all(not (a & b) for a, b in itertools.combinations(parents, 2))  # whole parents
     joined = [np.concatenate(c) for c in zip(*runs)]
     for got, want in zip(joined, (fresh.link_source, fresh.link_target, fresh.link_relevance)):
         assert np.array_equal(got, want)
