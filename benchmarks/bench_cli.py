@@ -150,6 +150,10 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     for k, v in runs.items():
         print(f"{k:10s} runs: " + " ".join(f"{x:.2f}" for x in v))
+    for k, base in (("explain", "plain"), ("no_report", "plain"), ("compare", "plain2")):
+        per = [a / b for a, b in zip(runs[k], runs[base])]  # robust to a drifting machine
+        print(f"{k:10s} / {base:6s} per round: " + " ".join(f"{x:.2f}" for x in per)
+              + f"  median {statistics.median(per):.2f}x")  # fmt: skip
     files, rest, pyr = sizes(work / "e1")
     cfiles, crest, cpyr = sizes(work / "c1")
     ours, base = json_speed(model, video)
