@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import secrets
 from collections.abc import Sequence
 from functools import lru_cache
@@ -88,7 +87,12 @@ def _b64(a: np.ndarray) -> str:
 
 
 def _round(values: np.ndarray, digits: int = 5) -> list[float | None]:
-    return [round(v, digits) if math.isfinite(v) else None for v in values.tolist()]
+    """For display: `digits` decimals (NumPy's rounding, vectorised), non-finite as None."""
+    v = np.asarray(values, dtype=np.float64)
+    out: list[float | None] = np.round(v, digits).tolist()
+    for i in np.flatnonzero(~np.isfinite(v)).tolist():
+        out[i] = None
+    return out
 
 
 def view_data(e: Explanation, *, counterpart: np.ndarray | None = None) -> dict[str, Any]:
