@@ -12,6 +12,7 @@ sample 16 frames, resize, one onnxruntime forward, print the class.
 - the report's first paint and readiness (every tube drawable) in headless Chromium.
 
     python benchmarks/bench_cli.py [--rounds 5]      # ~3 min; needs torch (model export)
+    python benchmarks/bench_cli.py --against DIR     # and another version, same rounds
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def make_video(path: Path, seconds: float = 10, fps: int = 25) -> None:
     write_video(path, np.concatenate([clip.frames, clip.frames[:, :, :80]], axis=2), fps=fps)
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
-    env = {**os.environ, "XDG_CACHE_HOME": str(cwd / "cache")}  # cfp's digest cache: ours
+def timed(cmd: list[str], cwd: Path, extra: dict[str, str] | None = None) -> float:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cwd / "cache"), **(extra or {})}  # our cache
     os.sync()  # each process starts with no writeback of the one before (120 MB of JSON)
     t = time.perf_counter()
     subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
@@ -115,24 +116,30 @@ def first_paint(report: Path) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--against", type=Path, default=None,
+                    help="a checkout of another version (git worktree add DIR REV): its explain "
+                         "and --no-report are timed in the same rounds")  # fmt: skip
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from bench_explain import build_model
 
     # The package's bytecode, as `pip install` compiles it: an editable install under
     # PYTHONDONTWRITEBYTECODE (this machine sets it) would compile every module every run.
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(HERE.parent / "cfp_onnx")], check=True
-    )
+    for root in (HERE.parent, *([args.against] if args.against else [])):
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(root / "cfp_onnx")], check=True
+        )
     work = Path(tempfile.mkdtemp(prefix="cfp-bench-cli-"))
     model, video = work / "r50.onnx", work / "video.mp4"
     build_model(model, 1.0, 16, 112)
     make_video(video)
     twins = (HERE / "models" / "r3d.onnx", HERE / "models" / "keras_r3d.onnx")
     py, cfp = str(BIN / "python"), str(BIN / "cfp")
-    runs: dict[str, list[float]] = {
-        k: [] for k in ("plain", "explain", "no_report", "plain2", "compare")
-    }
+    keys = ["plain", "explain", "no_report", "plain2", "compare"]
+    if args.against:
+        keys += ["explain_other", "no_report_other"]
+    runs: dict[str, list[float]] = {k: [] for k in keys}
+    other = [py, "-c", "from cfp_onnx.cli.main import console; console()"]
     for r in range(args.rounds + 1):  # round 0 warms the page cache, not counted
         explain = [cfp, "explain", str(model), "--clip", str(video)]
         t = {
@@ -144,13 +151,21 @@ def main() -> None:
                 [cfp, "compare", *map(str, twins), "--clip", str(video), "--out", f"c{r}"], work
             ),
         }
+        if args.against:
+            env = {"PYTHONPATH": str(args.against.resolve())}
+            base = [*other, "explain", str(model), "--clip", str(video)]
+            t["explain_other"] = timed([*base, "--out", f"eo{r}"], work, env)
+            t["no_report_other"] = timed([*base, "--out", f"no{r}", "--no-report"], work, env)
         if r:
             for k, v in t.items():
                 runs[k].append(v)
     med = {k: statistics.median(v) for k, v in runs.items()}
     for k, v in runs.items():
         print(f"{k:10s} runs: " + " ".join(f"{x:.2f}" for x in v))
-    for k, base in (("explain", "plain"), ("no_report", "plain"), ("compare", "plain2")):
+    pairs = [("explain", "plain"), ("no_report", "plain"), ("compare", "plain2")]
+    if args.against:
+        pairs += [("explain_other", "plain"), ("no_report_other", "plain")]
+    for k, base in pairs:
         per = [a / b for a, b in zip(runs[k], runs[base])]  # robust to a drifting machine
         print(f"{k:10s} / {base:6s} per round: " + " ".join(f"{x:.2f}" for x in per)
               + f"  median {statistics.median(per):.2f}x")  # fmt: skip
@@ -173,6 +188,10 @@ def main() -> None:
     print(
         f"pyramid.json written at {ours:.0f} MB/s; json.dumps of the same document {base:.0f} MB/s ({ours / base:.1f}x)  (target >= 100 MB/s)"
     )
+    if args.against:
+        for k, what in (("explain_other", "defaults"), ("no_report_other", "--no-report")):
+            print(f"{args.against.name} explain {what:12s}      {med[k]:6.2f} s  "
+                  f"{med[k] / med['plain']:.2f}x")  # fmt: skip
     print(f"two plain processes (r3d, keras_r3d)    {med['plain2']:6.2f} s  1.00x")
     print(
         f"cfp compare r3d keras_r3d               {med['compare']:6.2f} s  {med['compare'] / med['plain2']:.2f}x  (target <= 2.0x)"
