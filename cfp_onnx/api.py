@@ -256,6 +256,7 @@ class Explainer:
                 self.shapes, self.expanded_layers(depth).tolist(), reachable, full
             )
         resources.check(self._estimates[key], self.memory_limit)
+        self.prefetch(depth)  # the back-step's weights read while the forward runs
         out = self.session(taps).run(arr, [t.name for t in taps])
         logits = np.asarray(out[self.head.logits], dtype=np.float64).reshape(-1)
         if logits.size != self.classes:

@@ -37,21 +37,21 @@ def file_digest(path: str | os.PathLike[str]) -> Future[str]:
 
 def digest(path: str | os.PathLike[str]) -> str:
     """sha256 of a file: remembered, or computed (and remembered when it is safe to)."""
-    key = _identity(path)
-    entry = _entry(key) if key is not None else None
-    if entry is not None:
+    before = _identity(path)
+    entry = _entry(before[0]) if before is not None else None
+    if entry is not None and before is not None:
         try:
             doc = json.loads(entry.read_text("utf-8"))
-            if doc.get("key") == key and isinstance(doc.get("sha256"), str):
+            if doc.get("key") == before[0] and isinstance(doc.get("sha256"), str):
                 return str(doc["sha256"])
         except (OSError, ValueError):
             pass
     started = time.time()
     value = sha256(path)
-    if entry is not None and key is not None and _identity(path) == key:
-        st = os.stat(path)
-        if started - st.st_mtime > RACY_S:
-            _remember(entry, {"key": key, "sha256": value})
+    after = _identity(path)  # unchanged while it was hashed, and not modified just before
+    if entry is not None and before is not None and after is not None and after[0] == before[0]:
+        if started - after[1] > RACY_S:
+            _remember(entry, {"key": before[0], "sha256": value})
     return value
 
 
@@ -70,7 +70,8 @@ def cache_dir() -> Path | None:
     return Path(base) / "cfp_onnx" / "digests"
 
 
-def _identity(path: str | os.PathLike[str]) -> str | None:
+def _identity(path: str | os.PathLike[str]) -> tuple[str, float] | None:
+    """The cache key of a file, and its mtime; None when it cannot be read."""
     try:
         real = os.path.realpath(path)
         with open(real, "rb") as f:
@@ -83,7 +84,7 @@ def _identity(path: str | os.PathLike[str]) -> str | None:
     except OSError:
         return None
     stamp = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    return f"{real}\0{stamp}:{h.hexdigest()[:32]}"
+    return f"{real}\0{stamp}:{h.hexdigest()[:32]}", st.st_mtime
 
 
 def _entry(key: str) -> Path | None:

@@ -166,7 +166,6 @@ def explain(
     opts = as_options(options, PyramidOptions, "options")
     view = as_options(view, ViewOptions, "view")
     plan = explainer.plan(opts.depth, maps=view.needs_maps)
-    explainer.prefetch(plan.depth)  # the back-step's weights read during the forward
     run = explainer.run(clip.tensor, depth=plan.depth, full=plan.full)
     pyr = explainer.pyramid(run, opts, class_names=class_names)
     if on_pyramid is not None:
