@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gradcam import GradCam
@@ -62,6 +62,7 @@ from train import MEAN, QUALITY_SEED, STD
 
 from cfp_onnx import classtube
 from cfp_onnx.api import Explainer, Run
+from cfp_onnx.faithfulness import Ablator, random_like
 from cfp_onnx.pyramid import Pyramid
 from cfp_onnx.synthetic import make_dataset
 
@@ -71,7 +72,7 @@ RESULTS = HERE / "results" / "quality.json"
 DEPTH, THETA, TOP_N, STEPS, RANDOM_DRAWS = 3, 0.6, 5, 20, 3
 HEAD_MODES = ("weights", "contribution", "contrastive")
 SELECTIONS = {"theta": (THETA, None), "top5": (0.0, TOP_N)}
-TUBES = ("sum", "weighted", "contrast")
+TUBES = ("sum", "weighted", "contrast", "pyramid")
 
 
 @dataclass(frozen=True)
@@ -94,33 +95,6 @@ class Setting:
 
 
 # ----------------------------------------------------------------------------- model surgery
-
-
-def masked_model(path: Path, ex: Explainer) -> tuple[bytes, list[str]]:
-    """The model with ``y * mask_i`` after every conv ``i``; masks are ``[B, C, 1, 1, 1]``
-    graph inputs, so one batched run ablates a different kernel set per batch row."""
-    model = onnx.load(str(path))
-    g = model.graph
-    names = []
-    for i, layer in enumerate(ex.layers):
-        node = next(n for n in g.node if n.output and n.output[0] == layer.output)
-        pre, mask = f"{layer.output}__pre_mask", f"cfp_mask_{i}"
-        node.output[0] = pre
-        rank = len(ex.graph.shape(layer.output))
-        g.node.append(helper.make_node("Mul", [pre, mask], [layer.output], name=f"{mask}_mul"))
-        shape = ["batch", layer.c_out] + [1] * (rank - 2)
-        g.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, shape))
-        names.append(mask)
-    return _toposorted(model).SerializeToString(), names
-
-
-def _toposorted(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Re-order nodes topologically (appended Muls must follow their conv)."""
-    import onnx_graphsurgeon as gs
-
-    graph = gs.import_onnx(model)
-    graph.toposort()
-    return gs.export_onnx(graph)
 
 
 def randomised(path: Path, ex: Explainer, share: float, out: Path, seed: int = 0) -> Path:
@@ -153,6 +127,8 @@ def tube_tensors(ex: Explainer, gc: GradCam) -> tuple[str, ...]:
     for i in ex.levels(DEPTH)[0].tolist():
         names[ex.layers[int(i)].input] = None
         names[ex.layers[int(i)].output] = None
+    names.update(dict.fromkeys(ex.map_tensors(DEPTH)))
+    names.update(dict.fromkeys(classtube.tensors(ex, "pyramid", DEPTH)))  # every kernel's output
     names[gc.tensor] = None
     return tuple(names)
 
@@ -176,8 +152,7 @@ class ModelBench:
         opts.intra_op_num_threads = 2
         self.plain = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input = self.plain.get_inputs()[0].name
-        masked, self.masks = masked_model(path, self.ex)
-        self.masked = ort.InferenceSession(masked, opts, providers=["CPUExecutionProvider"])
+        self.ablator = Ablator(self.ex, range(len(self.ex.layers)))
         self.random = {}
         for share, tag in ((0.5, "top"), (1.0, "all")):
             rpath = randomised(path, self.ex, share, tmp / f"{path.stem}_{tag}.onnx")
@@ -190,16 +165,9 @@ class ModelBench:
         return (x.transpose(3, 0, 1, 2) if self.nchw else x)[None].astype(np.float32)
 
     def ablate(self, x: np.ndarray, rows: list[dict[int, np.ndarray]], label: int) -> np.ndarray:
-        """Class logit with each row's kernels zeroed (row: layer -> channels)."""
-        feeds = {self.input: np.repeat(x, len(rows), axis=0)}
-        for i, name in enumerate(self.masks):
-            m = np.ones((len(rows), self.ex.layers[i].c_out), np.float32)
-            for r, row in enumerate(rows):
-                if i in row:
-                    m[r, row[i]] = 0.0
-            rank = len(self.ex.graph.shape(self.ex.layers[i].output))
-            feeds[name] = m.reshape(len(rows), -1, *([1] * (rank - 2)))
-        return np.asarray(self.masked.run(None, feeds)[0], np.float64)[:, label]
+        """Class logit with each row's kernels zeroed (row: layer -> channels), one batched
+        run through the product's faithfulness check's masked model."""
+        return self.ablator.logits(x, rows)[:, label]
 
     def curves(self, x: np.ndarray, tube: np.ndarray, label: int) -> tuple[float, float]:
         """Deletion and insertion AUC of the class probability, 20 steps, mean fill."""
@@ -227,13 +195,6 @@ def kernel_sets(p: Pyramid, depth: int) -> dict[int, np.ndarray]:
     }
 
 
-def random_like(
-    sets: dict[int, np.ndarray], ex: Explainer, rng: np.random.Generator
-) -> dict[int, np.ndarray]:
-    """As many kernels per layer as `sets`, drawn uniformly from all of the layer's channels."""
-    return {la: rng.choice(ex.layers[la].c_out, len(ch), replace=False) for la, ch in sets.items()}
-
-
 def node_set(p: Pyramid) -> set[tuple[int, int]]:
     """The pyramid's kernels as (layer index, channel) pairs (layer names are shared)."""
     return set(zip(p.node_layer.tolist(), p.node_channel.tolist()))
@@ -250,6 +211,7 @@ def clip_metrics(
     rng: np.random.Generator,
     curves: tuple[str, ...],
     grid: list[tuple[str, str]],
+    kinds: tuple[str, ...] = TUBES,
 ) -> dict[str, dict[str, float]]:
     """Every metric of one clip, keyed by setting name (plus 'gradcam' and 'random');
     `grid`: the (head mode, selection) pairs to measure."""
@@ -273,7 +235,7 @@ def clip_metrics(
         out["gradcam"][f"sanity_spearman_{tag}"] = spearman(cams[0], rcam)
     for mode, sel in grid:
         pyramid_metrics(mb, x, run, rand_runs, label, others, mask, Setting(mode, sel, ""), rng,
-                        curves, out)  # fmt: skip
+                        curves, out, kinds)  # fmt: skip
     out["_meta"] = {"correct": float(np.argmax(run.logits) == label)}
     return out
 
@@ -298,6 +260,7 @@ def pyramid_metrics(
     rng: np.random.Generator,
     curves: tuple[str, ...],
     out: dict[str, dict[str, float]],
+    kinds: tuple[str, ...] = TUBES,
 ) -> None:
     """Metrics of one (head mode, selection): faithfulness is shared by the tube kinds."""
     ex = mb.ex
@@ -308,7 +271,7 @@ def pyramid_metrics(
     rand_p = {tag: [base.pyramid(r[0], rand_runs[tag], k) for k in labels]
               for tag, r in mb.random.items()}  # fmt: skip
     cache: dict[str, list[np.ndarray]] = {}
-    for tube_kind in TUBES:
+    for tube_kind in kinds:
         s = Setting(base.mode, base.selection, tube_kind)
         tubes = class_tubes(ex, pyrs, run, mb.size, tube_kind, cache)
         m = {**localisation(tubes[0], mask), **faith}
@@ -338,6 +301,9 @@ def class_tubes(
             weighted = class_tubes(ex, pyrs, run, size, "weighted", cache)
             mean = np.mean(weighted, axis=0)
             cache[kind] = [t - mean for t in weighted]
+        elif kind == "pyramid":  # classtube.class_tube's pyramid tube, every label at once
+            own = classtube.pyramid_tubes(ex, run, pyrs, size)
+            cache[kind] = list(own - own.mean(axis=0))
         else:
             cache[kind] = list(
                 classtube.class_tubes(ex, run, pyrs, size, weighted=kind == "weighted")
@@ -360,7 +326,7 @@ def faithfulness(
         rows.append(sets)
         index.append(("pyr", d))
         for _ in range(RANDOM_DRAWS):
-            rows.append(random_like(sets, mb.ex, rng))
+            rows.append(random_like(sets, {la: mb.ex.layers[la].c_out for la in sets}, rng))
             index.append(("rand", d))
     logits = mb.ablate(x, rows, label) if rows else np.zeros(0)
     drops: dict[str, list[float]] = defaultdict(list)
@@ -373,7 +339,12 @@ def faithfulness(
 
 
 def bench_model(
-    path: Path, n: int, curves: tuple[str, ...], seed: int, grid: list[tuple[str, str]]
+    path: Path,
+    n: int,
+    curves: tuple[str, ...],
+    seed: int,
+    grid: list[tuple[str, str]],
+    kinds: tuple[str, ...] = TUBES,
 ) -> dict[str, Any]:
     """Per-clip metrics of one model (raw lists) on `n` held-out clips."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -383,7 +354,7 @@ def bench_model(
         per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         t = time.perf_counter()
         for i in range(n):
-            res = clip_metrics(mb, frames[i], masks[i], int(labels[i]), rng, curves, grid)
+            res = clip_metrics(mb, frames[i], masks[i], int(labels[i]), rng, curves, grid, kinds)
             for key, m in res.items():
                 for k, v in m.items():
                     per[key][k].append(v)
@@ -426,10 +397,11 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=108)
     ap.add_argument(
         "--curves", choices=("none", "weighted", "all"), default="weighted",
-        help="class tubes given deletion/insertion curves (default: weighted and contrast)",
+        help="class tubes given deletion/insertion curves (default: weighted, contrast, pyramid)",
     )  # fmt: skip
     ap.add_argument("--modes", nargs="+", choices=HEAD_MODES, default=list(HEAD_MODES))
     ap.add_argument("--selections", nargs="+", choices=sorted(SELECTIONS), default=list(SELECTIONS))
+    ap.add_argument("--tubes", nargs="+", choices=TUBES, default=list(TUBES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", type=Path, default=MODELS, help="folder of trained .onnx models")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -438,9 +410,11 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for path in iter_models(args.dir, args.models):
         t = time.perf_counter()
-        curves = {"none": (), "weighted": ("weighted", "contrast"), "all": TUBES}[args.curves]
+        curves = {"none": (), "weighted": ("weighted", "contrast", "pyramid"), "all": TUBES}[
+            args.curves
+        ]
         grid = [(m, s) for m in args.modes for s in args.selections]
-        per = bench_model(path, args.clips, curves, args.seed, grid)
+        per = bench_model(path, args.clips, curves, args.seed, grid, tuple(args.tubes))
         results[path.stem] = {"clips": args.clips, "summary": summarise(per),
                               "seconds": round(time.perf_counter() - t)}  # fmt: skip
         args.out.write_text(json.dumps(results, indent=1))

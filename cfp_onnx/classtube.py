@@ -6,10 +6,20 @@
   the same run. What the weighted tube shares with every class (the paper's head picks
   nearly the same kernels whatever the class) cancels; what is specific to this class
   stays. Positive voxels speak for the class more than for the average class.
+* ``pyramid``: the whole pyramid, every depth. Relevance flows from the head down the
+  links: a depth-0 kernel carries its head score, and each parent shares what it carries
+  among its children in proportion to the links' relevance,
+  ``f[c] = sum over links (p, c) of f[p] * r(p, c) / sum over c' of r(p, c')``. Each
+  kernel's own output map ``y_L[j]`` (what that kernel responds to), divided by its
+  largest magnitude, is weighted by its flow and summed:
+  ``P(label) = sum over kernels n of f[n] * y_n / max|y_n|``. The tube is ``P(label)``
+  minus the mean of ``P`` over every class, each class's pyramid built from the same run
+  with the same options.
 
-Our benchmarks (``benchmarks/README.md``, Quality) recommend ``contrast`` with ``top_n=5``
-and ``theta=0``: class-specific and sensitive to the model's weights, where the paper's
-mode is neither. Upsampling is linear, so maps are summed per feature resolution first
+Our benchmarks (``benchmarks/README.md``, Quality) recommend ``pyramid`` with ``top_n=5``
+and ``theta=0``: class-specific, sensitive to the model's weights, and localising the
+actor about as well as 3D Grad-CAM (``contrast`` is as specific but localises worse; the
+paper's ``weighted`` tube is neither specific nor sensitive). Upsampling is linear, so maps are summed per feature resolution first
 and upsampled once.
 """
 
@@ -34,6 +44,9 @@ CAPTIONS = {
     "weighted": "class tube: relevance-weighted depth-0 maps",
     "contrast": "class tube, contrast: this class's weighted depth-0 maps minus the mean "
     "over all classes (red: more than the average class)",
+    "pyramid": "class tube, pyramid: every pyramid kernel's response weighted by the "
+    "relevance flowing to it from the head, minus the mean over all classes (red: more "
+    "than the average class)",
 }
 
 
@@ -74,8 +87,19 @@ def class_tubes(
     return np.stack([_upsampled(_feature_sums(ex, p, run, weighted), size) for p in pyramids])
 
 
-def class_pyramids(ex: Explainer, run: Run, pyr: Pyramid) -> list[Pyramid]:
-    """Every class's pyramid with `pyr`'s settings, only as deep as depth-0 maps need.
+def pyramid_tubes(
+    ex: Explainer, run: Run, pyramids: Sequence[Pyramid], size: Sequence[int]
+) -> np.ndarray:
+    """``[len(pyramids), T, H, W]``: ``P`` of each pyramid (the ``pyramid`` tube before the
+    mean over classes is taken away; benchmarks build every label's from one run)."""
+    return np.stack([_upsampled(_pyramid_sums(ex, p, run), size) for p in pyramids])
+
+
+def class_pyramids(
+    ex: Explainer, run: Run, pyr: Pyramid, *, full_depth: bool = False
+) -> list[Pyramid]:
+    """Every class's pyramid with `pyr`'s settings, only as deep as depth-0 maps need
+    (all of `pyr`'s depth with `full_depth`).
 
     A depth-0 kernel's kept input channels come from its own back-step alone, so depth 2
     gives the same depth-0 maps as any deeper pyramid.
@@ -84,7 +108,7 @@ def class_pyramids(ex: Explainer, run: Run, pyr: Pyramid) -> list[Pyramid]:
         ex.pyramid(
             run,
             label=k,
-            depth=min(pyr.depth, 2),
+            depth=pyr.depth if full_depth else min(pyr.depth, 2),
             theta=pyr.theta,
             top_n=pyr.top_n,
             head_mode=pyr.head_mode,
@@ -93,26 +117,85 @@ def class_pyramids(ex: Explainer, run: Run, pyr: Pyramid) -> list[Pyramid]:
     ]
 
 
+def flow(pyr: Pyramid) -> np.ndarray:
+    """Per node, the head relevance that reaches it down the links (see the module doc):
+    one vectorised pass per parent layer, nearest the head first (a child's layer always
+    comes before its parent's, so a parent has received all it carries when it shares)."""
+    n = len(pyr.node_layer)
+    f = np.where(pyr.node_depth == 0, pyr.node_relevance, 0.0).astype(np.float64)
+    src, dst, rel = pyr.link_source, pyr.link_target, pyr.link_relevance
+    if len(src) == 0:
+        return f
+    out_sum = np.bincount(src, weights=rel, minlength=n)
+    share = np.where(out_sum[src] > 0, rel / np.where(out_sum[src] > 0, out_sum[src], 1.0), 0.0)
+    layer = pyr.node_layer[src]
+    order = np.argsort(-layer, kind="stable")
+    src, dst, share, layer = src[order], dst[order], share[order], layer[order]
+    bounds = np.flatnonzero(np.diff(layer)) + 1
+    for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(src)]):
+        f += np.bincount(dst[lo:hi], weights=f[src[lo:hi]] * share[lo:hi], minlength=n)
+    return f
+
+
+def output_tensors(ex: Explainer, depth: int) -> tuple[str, ...]:
+    """The conv outputs the ``pyramid`` tube reads: every layer a depth-`depth` pyramid
+    can reach."""
+    levels = ex.levels(depth)
+    return tuple(dict.fromkeys(ex.layers[int(i)].output for lv in levels for i in lv.tolist()))
+
+
+def tensors(ex: Explainer, kind: str | None, depth: int) -> tuple[str, ...]:
+    """Full maps a run needs for a class tube of `kind`, beyond ``ex.map_tensors(depth)``."""
+    return output_tensors(ex, depth) if kind == "pyramid" else ()
+
+
+def _pyramid_sums(ex: Explainer, pyr: Pyramid, run: Run) -> dict[tuple[int, ...], np.ndarray]:
+    """``P`` of one pyramid per feature resolution, float64 (before upsampling)."""
+    f = flow(pyr)
+    nodes = np.flatnonzero(f != 0)
+    sums: dict[tuple[int, ...], np.ndarray] = {}
+    layers = pyr.node_layer[nodes]
+    for la in np.unique(layers).tolist():
+        name = ex.layers[la].output
+        if name not in run.full:
+            raise OptionError(
+                f"the pyramid class tube needs the output of {ex.layers[la].node!r}: run the "
+                "clip with full=classtube.tensors(explainer, 'pyramid', depth) too"
+            )
+        members = nodes[layers == la]
+        y = np.asarray(to_numpy(run.full[name]), np.float32)
+        y = y.reshape(y.shape[0], *(1,) * max(0, 4 - y.ndim), *y.shape[1:])
+        maps = y[pyr.node_channel[members]].astype(np.float64)
+        peak = np.abs(maps).reshape(len(members), -1).max(axis=1)
+        w = np.where(peak > 0, f[members] / np.where(peak > 0, peak, 1.0), 0.0)
+        m = np.tensordot(w, maps, axes=1)
+        sums[m.shape] = sums.get(m.shape, 0.0) + m
+    return sums
+
+
 def class_tube(
     ex: Explainer, run: Run, pyr: Pyramid, size: Sequence[int], kind: str = "weighted"
 ) -> np.ndarray:
     """The class tube of `pyr` at `size` ``(T, H, W)``, float32, not normalised.
 
-    `run` must hold ``ex.map_tensors(pyr.depth)``. ``contrast`` builds every
-    class's pyramid from the same run (one back-step level each), so its cost grows with
-    the number of classes; with ``top_n`` each is a handful of kernels.
+    `run` must hold ``ex.map_tensors(pyr.depth)`` and ``tensors(ex, kind, pyr.depth)``.
+    ``contrast`` builds every class's pyramid from the same run (one back-step level
+    each), ``pyramid`` every class's whole pyramid, so their cost grows with the number
+    of classes; with ``top_n`` each is a handful of kernels.
 
     Raises:
         OptionError: `kind` is not one of KINDS.
     """
     if kind not in KINDS:
         raise OptionError(f"class tube must be one of {', '.join(KINDS)} (got {kind!r})")
-    own = _feature_sums(ex, pyr, run)
+    sums = _pyramid_sums if kind == "pyramid" else _feature_sums
+    own = sums(ex, pyr, run)
     if kind == "weighted":
         return _upsampled(own, size)
     total: dict[tuple[int, ...], np.ndarray] = {}
-    for p in class_pyramids(ex, run, pyr):
-        for shape, m in _feature_sums(ex, p, run).items():
+    others = class_pyramids(ex, run, pyr, full_depth=kind == "pyramid")
+    for p in others:
+        for shape, m in sums(ex, p, run).items():
             total[shape] = total.get(shape, 0.0) + m
     n = ex.classes
     diff = {s: own.get(s, 0.0) - total.get(s, 0.0) / n for s in dict.fromkeys([*own, *total])}

@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from cfp_onnx.errors import ModelError, OptionError
 from cfp_onnx.loading import LoadedModel, declared_shape, graph_input, load_model
-from cfp_onnx.options import CLASS_TUBES, ClipOptions, PyramidOptions, as_options, as_path
+from cfp_onnx.options import EMBED_TUBES, ClipOptions, PyramidOptions, as_options, as_path
 from cfp_onnx.relevance import minmax, select
 from cfp_onnx.tubes import linear_matrix
 from cfp_onnx.xp import to_numpy
@@ -523,9 +523,9 @@ def embed(
             "cfp embed explains the prediction, or the class fed to the input "
             f"{LABEL_INPUT!r} at run time; drop --label"
         )
-    if class_tube is not None and class_tube not in CLASS_TUBES:
+    if class_tube is not None and class_tube not in EMBED_TUBES:
         raise OptionError(
-            f"class tube must be one of {', '.join(CLASS_TUBES)} (got {class_tube!r})"
+            f"class tube must be one of {', '.join(EMBED_TUBES)} (got {class_tube!r})"
         )
     if class_tube is not None and clip_size is None:
         raise OptionError("a class tube needs the clip size (T, H, W)")

@@ -10,20 +10,21 @@ them runs the model again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cfp_onnx import classtube
+from cfp_onnx import classtube, faithfulness
 from cfp_onnx import tubes as tubes_mod
 from cfp_onnx.errors import OptionError
+from cfp_onnx.faithfulness import Faithfulness
 from cfp_onnx.options import PyramidOptions, ViewOptions, as_options
 from cfp_onnx.pyramid import Pyramid
 from cfp_onnx.xp import to_numpy
 
 if TYPE_CHECKING:
-    from cfp_onnx.api import Explainer
+    from cfp_onnx.api import Explainer, Plan
     from cfp_onnx.modelinput import ModelInput
     from cfp_onnx.video import Clip
 
@@ -110,6 +111,7 @@ class Explanation:
             inactive), or None when the shuffle test did not run.
         class_tube: the signed class tube at clip size, or None.
         class_tube_kind: its kind (``weighted`` or ``contrast``).
+        faithfulness: the depth-0 ablation check, or None when it was not asked for.
         class_names: the model's class names, if it has them.
         options: the view options it was made with.
     """
@@ -122,6 +124,7 @@ class Explanation:
     class_tube_kind: str | None
     class_names: tuple[str, ...] | None
     options: ViewOptions
+    faithfulness: Faithfulness | None = None
 
     @property
     def shown(self) -> np.ndarray:
@@ -165,7 +168,7 @@ def explain(
     clip = model_input.clip(clip, explainer.loaded)
     opts = as_options(options, PyramidOptions, "options")
     view = as_options(view, ViewOptions, "view")
-    plan = explainer.plan(opts.depth, maps=view.needs_maps)
+    plan = _plan(explainer, opts, view)
     run = explainer.run(clip.tensor, depth=plan.depth, full=plan.full)
     pyr = explainer.pyramid(run, opts, class_names=class_names)
     if on_pyramid is not None:
@@ -182,7 +185,12 @@ def explain(
         if view.class_tube
         else None
     )
-    return Explanation(pyr, clip, maps, motion, tube, view.class_tube, class_names, view)
+    faith = (
+        faithfulness.check(explainer, clip.tensor, pyr, draws=view.faithfulness)
+        if view.faithfulness and not pyr.empty
+        else None
+    )
+    return Explanation(pyr, clip, maps, motion, tube, view.class_tube, class_names, view, faith)
 
 
 def prepare(
@@ -190,9 +198,17 @@ def prepare(
 ) -> None:
     """Build the instrumented session `explain` will run, ahead (while a clip decodes)."""
     opts = as_options(options, PyramidOptions, "options")
-    plan = explainer.plan(opts.depth, maps=as_options(view, ViewOptions, "view").needs_maps)
+    plan = _plan(explainer, opts, as_options(view, ViewOptions, "view"))
     explainer.prefetch(plan.depth)
     explainer.session(explainer.taps(plan.depth, plan.full))
+
+
+def _plan(explainer: Explainer, opts: PyramidOptions, view: ViewOptions) -> Plan:
+    """The run `explain` makes: the pyramid's taps, every kernel's map if the views need
+    them, and what the class tube reads besides."""
+    plan = explainer.plan(opts.depth, maps=view.needs_maps)
+    extra = classtube.tensors(explainer, view.class_tube, opts.depth)
+    return replace(plan, full=tuple(dict.fromkeys((*plan.full, *extra))))
 
 
 def _shuffle_ratio(

@@ -29,7 +29,11 @@ HEAD_MODES = ("weights", "contribution", "contrastive")
 
 FORMATS = ("json", "reference")
 TUBE_FILES = ("strip", "gif", "stack")
-CLASS_TUBES = ("weighted", "contrast")
+CLASS_TUBES = ("weighted", "contrast", "pyramid")
+EMBED_TUBES = ("weighted", "contrast")
+"""Class tubes ``cfp embed`` can compute in the graph."""
+DRAWS = 8
+"""Random kernel sets the faithfulness check draws by default."""
 LAYOUTS = ("NCDHW", "NDHWC")
 SAMPLINGS = ("uniform", "strided")
 
@@ -144,6 +148,8 @@ class ViewOptions:
         weighted: tube maps weighted by r' (SPEC §6 option).
         class_tube: also compute a class tube of this kind.
         shuffle: run the frame-shuffle test (one more forward).
+        faithfulness: random kernel sets the faithfulness check ablates beside the
+            pyramid's depth-0 kernels (``cfp_onnx.faithfulness``); 0 skips the check.
         fps: playback speed of tubes and GIFs.
         format: ``reference`` also writes the paper's nested tree.
         max_side: frames larger than this are scaled down for the page.
@@ -156,6 +162,7 @@ class ViewOptions:
     weighted: bool = False
     class_tube: str | None = None
     shuffle: bool = True
+    faithfulness: int = 0
     fps: float = 8.0
     format: str = "json"
     max_side: int = 192
@@ -164,6 +171,10 @@ class ViewOptions:
     def __post_init__(self) -> None:
         if not _is_int(self.per_depth) or self.per_depth < 1:
             raise OptionError(f"--per-depth must be >= 1 (got {self.per_depth!r})")
+        if not _is_int(self.faithfulness) or not 0 <= self.faithfulness <= 1000:
+            raise OptionError(
+                f"--faithfulness-draws must be between 1 and 1000 (got {self.faithfulness!r})"
+            )
         if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps)):
             raise OptionError(f"--fps must be a number > 0 (got {self.fps!r})")
         if not self.fps > 0:

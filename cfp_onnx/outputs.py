@@ -348,6 +348,7 @@ def write(
 
     ``pyramid.json`` always (SPEC §5), ``reference.json`` + ``tree.json`` with
     ``format="reference"``, ``class_tube.npy`` (signed, clip size) with a class tube,
+    ``faithfulness.json`` with the faithfulness check,
     ``tubes/`` pictures of the graph's kernels only when ``tube_files`` names some, and
     ``report.html`` (`html`, or rendered here) unless ``report=False``. With `early`
     started on this explanation's pyramid, ``pyramid.json`` is the file it writes.
@@ -368,6 +369,9 @@ def write(
         if e.class_tube is not None:
             np.save(folder / "class_tube.npy", e.class_tube)
             written.append(folder / "class_tube.npy")
+        if e.faithfulness is not None:
+            (folder / "faithfulness.json").write_text(json.dumps(e.faithfulness.to_dict()))
+            written.append(folder / "faithfulness.json")
         if opts.tube_files and e.maps is not None:
             written += _tube_files(e, folder / "tubes")
         if opts.report:

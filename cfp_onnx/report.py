@@ -181,6 +181,7 @@ def _side(e: Explanation, label: str) -> dict[str, Any]:
         "total": len(p.node_layer),
         "shown": len(e.shown),
         "maps": e.maps is not None,
+        "faithfulness": e.faithfulness,
     }
 
 

@@ -162,6 +162,15 @@ class Session:
             ) from None
         return dict(zip(names, values))
 
+    def feed(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, Any]:
+        """Outputs by name (NumPy, on the host) of a run with several named inputs."""
+        names = list(outputs)
+        try:
+            values = self._session.run(names, dict(feeds), _RUN)
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
+        return dict(zip(names, values))
+
 
 DEVICE_TAPS = ("cfp_pooled::", "cfp_full::")
 """Output name prefixes (cfp_onnx.surgery's taps) that stay on the GPU under IO binding."""

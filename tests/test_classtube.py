@@ -77,26 +77,29 @@ def test_contrast_is_own_tube_minus_the_mean_over_classes(explained, head_mode):
 
 def test_unknown_kind_is_refused(explained):
     _, ex, run, _ = explained
-    with pytest.raises(OptionError, match="class tube must be one of weighted, contrast"):
+    with pytest.raises(OptionError, match="class tube must be one of weighted, contrast, pyramid"):
         classtube.class_tube(ex, run, ex.pyramid(run), SIZE, "summed")
 
 
-def test_cli_writes_the_contrast_tube_and_shows_it(explained, tmp_path):
-    path, ex, run, x = explained
+@pytest.mark.parametrize("kind", ["contrast", "pyramid"])
+def test_cli_writes_the_class_tube_and_shows_it(explained, tmp_path, kind):
+    path, ex, _, x = explained
+    run = ex.run(x, depth=3, full=(*ex.map_tensors(3), *classtube.tensors(ex, kind, 3)))
     np.save(tmp_path / "clip.npy", x)
     cfp = str(Path(sys.executable).with_name("cfp"))
     args = ["explain", str(path), "--clip", "clip.npy", "--theta", "0", "--top-n", "2",
-            "--class-tube", "contrast", "--no-shuffle", "--tubes", "gif"]  # fmt: skip
+            "--class-tube", kind, "--no-shuffle", "--tubes", "gif"]  # fmt: skip
     r = subprocess.run([*(cfp, *args), "--out", "out"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     label = json.loads((out / "pyramid.json").read_text())["label"]
     want = classtube.class_tube(ex, run, ex.pyramid(run, label=label, theta=0, top_n=2), SIZE,
-                                "contrast")  # fmt: skip
+                                kind)  # fmt: skip
     np.testing.assert_allclose(np.load(out / "class_tube.npy"), want, rtol=1e-5, atol=1e-6)
     assert (out / "tubes" / "class_tube.gif").is_file()
-    assert classtube.CAPTIONS["contrast"].split(":")[0] in (out / "report.html").read_text()
+    assert classtube.CAPTIONS[kind].split(":")[0] in (out / "report.html").read_text()
+    assert np.load(out / "class_tube.npy").shape == SIZE
     bare = subprocess.run([*(cfp, *args), "--no-report", "--no-tubes", "--out", "bare"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bare.returncode == 0, bare.stderr
@@ -105,3 +108,70 @@ def test_cli_writes_the_contrast_tube_and_shows_it(explained, tmp_path):
     ]  # fmt: skip
     np.testing.assert_array_equal(np.load(tmp_path / "bare" / "class_tube.npy"),
                                   np.load(out / "class_tube.npy"))  # fmt: skip
+
+
+def slow_flow(pyr: Pyramid) -> np.ndarray:
+    """Relevance reaching each node, path by path: the product of link shares along every
+    path from a depth-0 kernel, times its head score, summed over paths (recursion)."""
+    children: dict[int, list[tuple[int, float]]] = {}
+    for s, t, r in zip(pyr.link_source.tolist(), pyr.link_target.tolist(),
+                       pyr.link_relevance.tolist()):  # fmt: skip
+        children.setdefault(s, []).append((t, r))
+    f = np.zeros(len(pyr.node_layer))
+
+    def walk(node: int, carried: float) -> None:
+        f[node] += carried
+        kids = children.get(node, [])
+        total = sum(r for _, r in kids)
+        for child, r in kids:
+            if total > 0:
+                walk(child, carried * r / total)
+
+    for node in np.flatnonzero(pyr.node_depth == 0).tolist():
+        walk(node, float(pyr.node_relevance[node]))
+    return f
+
+
+def slow_pyramid_map(ex: Explainer, pyr: Pyramid, run: Run) -> np.ndarray:
+    """P: each kernel's own output map over its largest magnitude, times its flow, resized
+    by torch one kernel at a time."""
+    f = slow_flow(pyr)
+    out = np.zeros(SIZE)
+    for node in range(len(pyr.node_layer)):
+        y = run.full[ex.layers[int(pyr.node_layer[node])].output][int(pyr.node_channel[node])]
+        y = y.astype(np.float64)
+        if f[node] == 0 or np.abs(y).max() == 0:
+            continue
+        big = F.interpolate(torch.from_numpy(y / np.abs(y).max())[None, None], size=SIZE,
+                            mode="trilinear", align_corners=False)[0, 0].numpy()  # fmt: skip
+        out += f[node] * big
+    return out
+
+
+@pytest.mark.parametrize(("theta", "top_n"), [(0.3, None), (0.0, 2)])
+def test_pyramid_tube_is_the_flow_weighted_response_minus_every_class_mean(explained, theta, top_n):
+    _, ex, _, x = explained
+    full = (*ex.map_tensors(3), *classtube.tensors(ex, "pyramid", 3))
+    run = ex.run(x, depth=3, full=full)
+    pyr = ex.pyramid(run, depth=3, theta=theta, top_n=top_n)
+    assert pyr.max_depth_reached == 2 and pyr.n_links > 0
+    np.testing.assert_allclose(classtube.flow(pyr), slow_flow(pyr), rtol=1e-10, atol=1e-12)
+    assert (classtube.flow(pyr)[pyr.node_depth == 2] > 0).any()  # flow reaches the bottom
+    pyrs = [ex.pyramid(run, label=k, depth=3, theta=theta, top_n=top_n) for k in range(ex.classes)]
+    maps = [slow_pyramid_map(ex, p, run) for p in pyrs]
+    want = maps[pyr.label] - np.mean(maps, axis=0)
+    got = classtube.class_tube(ex, run, pyr, SIZE, "pyramid")
+    assert got.shape == SIZE and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    own = classtube.pyramid_tubes(ex, run, [pyr], SIZE)[0]
+    np.testing.assert_allclose(own, maps[pyr.label], rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert np.abs(want).max() > 0
+
+
+def test_pyramid_tube_needs_the_layer_outputs(explained):
+    _, ex, run, _ = explained  # a run with map_tensors only
+    pyr = ex.pyramid(run, depth=3, theta=0.3)
+    missing = [t for t in classtube.tensors(ex, "pyramid", 3) if t not in run.full]
+    assert missing
+    with pytest.raises(OptionError, match="needs the output of"):
+        classtube.class_tube(ex, run, pyr, SIZE, "pyramid")

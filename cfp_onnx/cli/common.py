@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from cfp_onnx.errors import OptionError
 from cfp_onnx.options import (
     CLASS_TUBES,
+    DRAWS,
     HEAD_MODES,
     LAYOUTS,
     SAMPLINGS,
@@ -75,10 +77,22 @@ def add_view_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--weighted", action="store_true", help="tube maps weighted by relevance r'")
     g.add_argument(
         "--class-tube", choices=CLASS_TUBES, metavar="KIND",
-        help="also draw the class tube: 'weighted' (relevance-weighted depth-0 maps) or "
-        "'contrast' (minus the mean over all classes; recommended with --top-n 5 --theta 0)",
+        help="also draw the class tube: 'weighted' (relevance-weighted depth-0 maps), "
+        "'contrast' (minus the mean over all classes) or 'pyramid' (every kernel's response "
+        "weighted by the relevance flowing to it, minus the mean over all classes; "
+        "recommended, with --top-n 5 --theta 0)",
     )  # fmt: skip
     g.add_argument("--no-shuffle", action="store_true", help="skip the frame-shuffle test")
+    g.add_argument(
+        "--faithfulness", action="store_true",
+        help="zero the depth-0 kernels, and as many random kernels of the same layers, and "
+        "compare the class score's drops (faithfulness.json, and in the report)",
+    )  # fmt: skip
+    g.add_argument(
+        "--faithfulness-draws", type=_int("faithfulness-draws"), metavar="N",
+        help=f"random kernel sets the faithfulness check draws (default {DRAWS}; implies "
+        "--faithfulness)",
+    )  # fmt: skip
     g.add_argument("--fps", type=float, default=8.0, help="tube playback speed (default 8)")
 
 
@@ -102,8 +116,16 @@ def view_options(args: argparse.Namespace) -> ViewOptions:
         report=not args.no_report, maps=not args.no_tubes,
         tube_files=() if args.no_tubes else args.tubes, per_depth=args.per_depth,
         weighted=args.weighted, class_tube=args.class_tube, shuffle=not args.no_shuffle,
-        fps=args.fps, format=getattr(args, "format", "json"),
+        faithfulness=_draws(args), fps=args.fps, format=getattr(args, "format", "json"),
     )  # fmt: skip
+
+
+def _draws(args: argparse.Namespace) -> int:
+    """Random draws of the faithfulness check: 0 without it."""
+    n = args.faithfulness_draws
+    if n is not None and n < 1:
+        raise OptionError(f"--faithfulness-draws must be >= 1 (got {n})")
+    return n if n is not None else DRAWS if args.faithfulness else 0
 
 
 def _names(text: str) -> tuple[str, ...]:

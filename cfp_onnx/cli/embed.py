@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cfp_onnx.cli.common import _float, _int, _pair
 from cfp_onnx.embed import LABEL_INPUT, PRECISIONS, embed_to
-from cfp_onnx.options import CLASS_TUBES, HEAD_MODES, LAYOUTS, ClipOptions, PyramidOptions
+from cfp_onnx.options import EMBED_TUBES, HEAD_MODES, LAYOUTS, ClipOptions, PyramidOptions
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--top-n", type=_int("top-n"), help="keep at most N children per kernel")
     g.add_argument("--head-mode", choices=HEAD_MODES, default="weights", help="depth-0 scoring")
-    g.add_argument("--class-tube", choices=CLASS_TUBES, help="also output this class tube")
+    g.add_argument("--class-tube", choices=EMBED_TUBES, help="also output this class tube")
     g.add_argument(
         "--precision", choices=PRECISIONS, default="float64",
         help="in-graph arithmetic: float64 gives the host's kernel sets exactly (default); "

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"window {folder.name}: frames {int(c.indices[0])}..{int(c.indices[-1])}")
         print_prediction(e.pyramid, e.class_names)
         print_summary(e.pyramid)
+        if e.faithfulness is not None:
+            print(f"faithfulness: {e.faithfulness.summary}")
 
     from tqdm import tqdm
 
