@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -32,11 +33,11 @@ from cfp_onnx.modelinput import clip_path
 from cfp_onnx.ops import CONV
 from cfp_onnx.options import PyramidOptions
 from cfp_onnx.provenance import Csr, Provenance, trace
-from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build
+from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build, head_kernels
 from cfp_onnx.relevance import minmax
 from cfp_onnx.runtime import Session
 from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
-from cfp_onnx.xp import array_module
+from cfp_onnx.xp import array_module, to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +312,11 @@ class Explainer:
         options: PyramidOptions | None = None,
         *,
         class_names: tuple[str, ...] | None = None,
+        union: Sequence[int] | None = None,
         **kw: Any,
     ) -> Pyramid:
-        """Build the pyramid from an existing run (no second forward)."""
+        """Build the pyramid from an existing run (no second forward); with `union`, the
+        union of those classes' pyramids (``cfp_onnx.pyramid.build``)."""
         opts = self.options(options, kw)
         if opts.depth > run.plan.depth:
             raise OptionError(
@@ -324,7 +327,16 @@ class Explainer:
         return build(
             self.xp, self._inputs(run), opts, label=label, model=self.model_name,
             logits=run.logits, label_name=class_names[label] if class_names else None,
+            union=union,
         )  # fmt: skip
+
+    def head_kernels(
+        self, run: Run, options: PyramidOptions, labels: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every label's depth-0 kernels from one run: ``(position in labels, kernel id,
+        relevance)`` triples (what each label's pyramid starts from)."""
+        row, kid, rel, _ = head_kernels(self.xp, self._inputs(run), options, labels)
+        return to_numpy(row), to_numpy(kid), to_numpy(rel)
 
     def options(self, options: PyramidOptions | None, kw: dict[str, Any]) -> PyramidOptions:
         """`options` or one built from keywords, checked against this model."""

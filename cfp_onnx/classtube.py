@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cfp_onnx.errors import OptionError
-from cfp_onnx.options import CLASS_TUBES
+from cfp_onnx.options import CLASS_TUBES, PyramidOptions
 from cfp_onnx.pyramid import Pyramid
 from cfp_onnx.tubes import TubeMaker, upsample
 from cfp_onnx.xp import to_numpy
@@ -95,11 +95,8 @@ def pyramid_tubes(
     return np.stack([_upsampled(_pyramid_sums(ex, p, run), size) for p in pyramids])
 
 
-def class_pyramids(
-    ex: Explainer, run: Run, pyr: Pyramid, *, full_depth: bool = False
-) -> list[Pyramid]:
-    """Every class's pyramid with `pyr`'s settings, only as deep as depth-0 maps need
-    (all of `pyr`'s depth with `full_depth`).
+def class_pyramids(ex: Explainer, run: Run, pyr: Pyramid) -> list[Pyramid]:
+    """Every class's pyramid with `pyr`'s settings, only as deep as depth-0 maps need.
 
     A depth-0 kernel's kept input channels come from its own back-step alone, so depth 2
     gives the same depth-0 maps as any deeper pyramid.
@@ -108,7 +105,7 @@ def class_pyramids(
         ex.pyramid(
             run,
             label=k,
-            depth=pyr.depth if full_depth else min(pyr.depth, 2),
+            depth=min(pyr.depth, 2),
             theta=pyr.theta,
             top_n=pyr.top_n,
             head_mode=pyr.head_mode,
@@ -151,7 +148,14 @@ def tensors(ex: Explainer, kind: str | None, depth: int) -> tuple[str, ...]:
 
 def _pyramid_sums(ex: Explainer, pyr: Pyramid, run: Run) -> dict[tuple[int, ...], np.ndarray]:
     """``P`` of one pyramid per feature resolution, float64 (before upsampling)."""
-    f = flow(pyr)
+    return _response_sums(ex, pyr, run, flow(pyr))
+
+
+def _response_sums(
+    ex: Explainer, pyr: Pyramid, run: Run, f: np.ndarray
+) -> dict[tuple[int, ...], np.ndarray]:
+    """``sum over nodes n of f[n] * y_n / max|y_n|`` per feature resolution (`f` per node
+    of `pyr`): one gather and one contraction per layer."""
     nodes = np.flatnonzero(f != 0)
     sums: dict[tuple[int, ...], np.ndarray] = {}
     layers = pyr.node_layer[nodes]
@@ -173,6 +177,65 @@ def _pyramid_sums(ex: Explainer, pyr: Pyramid, run: Run) -> dict[tuple[int, ...]
     return sums
 
 
+FLOW_BLOCK = 1 << 22
+"""Class x node entries handled at once by `mean_flow` (bounds its memory)."""
+
+
+def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarray]:
+    """The mean over every class of its pyramid's `flow` (with `pyr`'s settings, same run),
+    on the union of their pyramids: ``(union pyramid, mean flow per union node)``.
+
+    Exact without building K pyramids: a back-step depends on the kernel alone, so each
+    class's pyramid is the part of the union that its own depth-0 kernels reach within
+    its depth, and its links are the union's links of the kernels it expands. Depths and
+    flows are propagated for (class, kernel) pairs, sparse (with ``top_n`` a class
+    reaches a few hundred kernels of the union's thousands), a parent layer at a time.
+    """
+    labels = list(range(ex.classes))
+    opts = PyramidOptions(depth=pyr.depth, theta=pyr.theta, top_n=pyr.top_n,
+                          head_mode=pyr.head_mode, label=pyr.label)  # fmt: skip
+    union = ex.pyramid(run, opts, union=labels)
+    row, kid, rel = ex.head_kernels(run, opts, labels)
+    node = union.node_of[kid]
+    n = len(union.node_layer)
+    src, dst, lrel = union.link_source, union.link_target, union.link_relevance  # by source
+    indptr = np.searchsorted(src, np.arange(n + 1))
+    out_sum = np.bincount(src, weights=lrel, minlength=n)
+    share = lrel / np.where(out_sum[src] > 0, out_sum[src], 1.0)
+    by_layer = [np.flatnonzero(union.node_layer == la) for la in np.unique(union.node_layer)]
+
+    def children(k: np.ndarray, parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(class, link index) of every link out of each (class, parent) pair."""
+        counts = indptr[parent + 1] - indptr[parent]
+        first = np.repeat(indptr[parent], counts)
+        ends = np.cumsum(counts)
+        return np.repeat(k, counts), first + np.arange(len(first)) - np.repeat(
+            ends - counts, counts
+        )
+
+    total = np.zeros(n)
+    step = max(1, FLOW_BLOCK // max(1, n))
+    for lo in range(0, len(labels), step):
+        pick = (row >= lo) & (row < lo + step)
+        c = min(step, len(labels) - lo)
+        f = np.zeros((c, n))
+        f[row[pick] - lo, node[pick]] = rel[pick]
+        depth = np.full((c, n), pyr.depth, np.int64)
+        depth[row[pick] - lo, node[pick]] = 0
+        for d in range(pyr.depth - 2):  # which kernels each class expands (depth <= D-2)
+            k, link = children(*np.nonzero(depth == d))
+            depth[k, dst[link]] = np.minimum(depth[k, dst[link]], d + 1)
+        expands = depth <= pyr.depth - 2
+        for members in reversed(by_layer):  # parents nearest the head first
+            k, at = np.nonzero(expands[:, members] & (f[:, members] != 0))
+            parent = members[at]
+            k_link, link = children(k, parent)
+            carried = np.repeat(f[k, parent], indptr[parent + 1] - indptr[parent])
+            np.add.at(f.reshape(-1), k_link * n + dst[link], carried * share[link])
+        total += f.sum(axis=0)
+    return union, total / len(labels)
+
+
 def class_tube(
     ex: Explainer, run: Run, pyr: Pyramid, size: Sequence[int], kind: str = "weighted"
 ) -> np.ndarray:
@@ -188,15 +251,18 @@ def class_tube(
     """
     if kind not in KINDS:
         raise OptionError(f"class tube must be one of {', '.join(KINDS)} (got {kind!r})")
-    sums = _pyramid_sums if kind == "pyramid" else _feature_sums
-    own = sums(ex, pyr, run)
-    if kind == "weighted":
-        return _upsampled(own, size)
-    total: dict[tuple[int, ...], np.ndarray] = {}
-    others = class_pyramids(ex, run, pyr, full_depth=kind == "pyramid")
-    for p in others:
-        for shape, m in sums(ex, p, run).items():
-            total[shape] = total.get(shape, 0.0) + m
-    n = ex.classes
-    diff = {s: own.get(s, 0.0) - total.get(s, 0.0) / n for s in dict.fromkeys([*own, *total])}
+    if kind == "pyramid":
+        own = _pyramid_sums(ex, pyr, run)
+        union, mean = mean_flow(ex, run, pyr)
+        avg = _response_sums(ex, union, run, mean)
+    else:
+        own = _feature_sums(ex, pyr, run)
+        if kind == "weighted":
+            return _upsampled(own, size)
+        total: dict[tuple[int, ...], np.ndarray] = {}
+        for p in class_pyramids(ex, run, pyr):
+            for shape, m in _feature_sums(ex, p, run).items():
+                total[shape] = total.get(shape, 0.0) + m
+        avg = {shape: m / ex.classes for shape, m in total.items()}
+    diff = {s: own.get(s, 0.0) - avg.get(s, 0.0) for s in dict.fromkeys([*own, *avg])}
     return _upsampled({s: np.asarray(m, np.float64) for s, m in diff.items()}, size)

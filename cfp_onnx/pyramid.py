@@ -12,7 +12,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache, partial
@@ -451,9 +451,15 @@ def build(
     model: str,
     logits: np.ndarray,
     label_name: str | None = None,
+    union: Sequence[int] | None = None,
 ) -> Pyramid:
     """Head, then one back-step per depth level, for class `label` of a run whose
     `logits` are given.
+
+    With `union`, the head keeps what any of those classes keeps: the pyramid holds every
+    kernel their pyramids hold, each at its smallest depth among them, and expands a
+    kernel exactly as each of them does (a back-step depends on the kernel alone), so
+    every link of theirs is one of its links.
 
     Node sets and relevances come from per-channel maxima (a kernel's relevance is the
     largest r' over the channels that carry it), so the cost grows with kernels and
@@ -464,12 +470,11 @@ def build(
     )  # fmt: skip
     n_kernels = inp.space.size
     offsets = xp.asarray(inp.space.offsets)
-    scores = head_scores(xp, inp.head_weight, inp.features, label, head_mode, inp.head_normalised)
-    kept_f = xp.flatnonzero(select(xp, scores[None, :], theta, top_n)[0])
-    entry, kid = expand_csr(xp, inp.head_indptr, inp.head_kernels, kept_f)
+    heads = [label, *(int(k) for k in (union or ()) if int(k) != label)]
+    _, kid, rel, best = head_kernels(xp, inp, options, heads)
     depth_of = xp.full(n_kernels, -1, dtype=xp.int64)
     head_rel = xp.full(n_kernels, -xp.inf)
-    _scatter_max(xp, head_rel, kid, scores[kept_f][entry])
+    _scatter_max(xp, head_rel, kid, rel)
     incoming = xp.full(n_kernels, -xp.inf)
     frontier = xp.unique(kid)
     depth_of[frontier] = 0
@@ -507,8 +512,22 @@ def build(
         node_relevance=to_numpy(relevance[kids]),
         node_of=to_numpy(node_of),
         blocks=tuple(blocks),
-        head_best=float(scores.max()),
+        head_best=best,
     )
+
+
+def head_kernels(
+    xp: ModuleType, inp: PyramidInputs, options: PyramidOptions, labels: Sequence[int]
+) -> tuple[Array, Array, Array, float]:
+    """The depth-0 kernels of each of `labels` (SPEC §4): ``(row, kernel id, relevance)``
+    triples, one per (label, kernel) (a kernel's relevance is the largest score of the kept
+    features leading to it), and the first label's largest normalised score."""
+    w, f, norm = inp.head_weight, inp.features, inp.head_normalised
+    scores = xp.stack([head_scores(xp, w, f, int(k), options.head_mode, norm) for k in labels])
+    rows, feats = xp.nonzero(select(xp, scores, options.theta, options.top_n))
+    entry, kid = expand_csr(xp, inp.head_indptr, inp.head_kernels, feats)
+    key, rel = max_per_key(xp, rows[entry] * inp.space.size + kid, scores[rows, feats][entry])
+    return key // inp.space.size, key % inp.space.size, rel, float(scores[0].max())
 
 
 @lru_cache(maxsize=1)

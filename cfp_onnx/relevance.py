@@ -30,11 +30,14 @@ def select(xp: ModuleType, scores: Array, theta: float, top_n: int | None) -> Ar
     keep = scores >= theta
     if top_n is None or top_n >= scores.shape[-1]:
         return keep
+    # The top_n-th largest kept score of each row (a partition, not a sort: O(C) a row),
+    # then everything above it and, of the ties at it, the lowest indices.
     masked = xp.where(keep, scores, -xp.inf)
-    order = xp.argsort(-masked, axis=-1, kind="stable")
-    rank = xp.empty_like(order)
-    xp.put_along_axis(rank, order, xp.arange(scores.shape[-1])[None, :].repeat(len(order), 0), -1)
-    return keep & (rank < top_n)
+    kth = -xp.partition(-masked, top_n - 1, axis=-1)[..., top_n - 1 : top_n]
+    above = masked > kth
+    tie = keep & (masked == kth)
+    room = top_n - above.sum(axis=-1, keepdims=True)
+    return keep & (above | (tie & (xp.cumsum(tie, axis=-1) <= room)))
 
 
 def head_scores(

@@ -175,3 +175,29 @@ def test_pyramid_tube_needs_the_layer_outputs(explained):
     assert missing
     with pytest.raises(OptionError, match="needs the output of"):
         classtube.class_tube(ex, run, pyr, SIZE, "pyramid")
+
+
+@pytest.mark.parametrize("net", ["residual", "x3d", "mfnet"])
+@pytest.mark.parametrize(("depth", "theta", "top_n"), [(3, 0.0, 2), (4, 0.5, None), (5, 0.0, 3)])
+def test_mean_flow_over_the_union_equals_every_class_pyramid_built_alone(
+    exported, net, depth, theta, top_n
+):
+    from tests import nets
+
+    _, path = exported(net)
+    x = np.random.default_rng(5).normal(size=nets.CLIP).astype(np.float32)
+    ex = Explainer(str(path), clip_shape=x.shape)
+    run = ex.run(x, depth=depth)
+    pyr = ex.pyramid(run, depth=depth, theta=theta, top_n=top_n)
+    want = np.zeros(ex.provenance.space.size)
+    for k in range(ex.classes):  # each class's own pyramid, its flow scattered by kernel id
+        p = ex.pyramid(run, label=k, depth=depth, theta=theta, top_n=top_n)
+        ids = np.flatnonzero(p.node_of >= 0)
+        want[ids] += classtube.flow(p)[p.node_of[ids]]
+    want /= ex.classes
+    union, mean = classtube.mean_flow(ex, run, pyr)
+    got = np.zeros_like(want)
+    ids = np.flatnonzero(union.node_of >= 0)
+    got[ids] = mean[union.node_of[ids]]
+    assert union.max_depth_reached >= 2 and (want > 0).sum() > 10
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
