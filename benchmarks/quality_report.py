@@ -54,9 +54,11 @@ def model_table(name: str, summary: dict[str, dict[str, Any]]) -> str:
     return f"### {name}\n\n" + "\n".join(lines)
 
 
+RECOMMENDED = "weights/top5/pyramid"
 SUMMARY = (
     ("weights/theta/weighted", "paper default (`weights/theta/weighted`)"),
-    ("weights/top5/contrast", "recommended (`weights/top5/contrast`)"),
+    ("weights/top5/contrast", "earlier recommendation (`weights/top5/contrast`)"),
+    (RECOMMENDED, "recommended (`weights/top5/pyramid`)"),
     ("gradcam", "3D Grad-CAM (`gradcam`)"),
     ("random", "random map (`random`)"),
 )
@@ -83,9 +85,57 @@ def summary_table(results: dict[str, Any]) -> str:
     ]
     for name, r in results.items():
         for key, title in SUMMARY:
-            s = r["summary"].get(key, {})
+            if key not in r["summary"]:
+                continue
+            s = r["summary"][key]
             lines.append(f"| {name} | {title} | "
                          + " | ".join(cell(s.get(k)) for k, _ in SUMMARY_COLUMNS) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+AGAINST_GRADCAM = (("mask_auc", 1), ("insertion", 1), ("deletion", -1), ("pointing", 1))
+THRESHOLDS = (
+    ("specificity", "<", 0.3, "Spearman across labels < 0.3"),
+    ("sanity_spearman_all", "<", 0.3, "Spearman, all weights random < 0.3"),
+    ("sanity_jaccard_all", "<", 0.5, "Jaccard, all weights random < 0.5"),
+    ("faith_ratio_d0", ">=", 3.0, "ablation ratio d0 >= 3"),
+)
+
+
+def versus(a: Any, b: Any, sign: int) -> str:
+    """`a` against `b` (mean, lo, hi): 'better' / 'worse' when the 95 % intervals are
+    apart (in the direction `sign` calls better), else 'tie'."""
+    if a is None or b is None:
+        return "–"
+    (_, alo, ahi), (_, blo, bhi) = a, b
+    if alo > bhi:
+        return "better" if sign > 0 else "worse"
+    if ahi < blo:
+        return "worse" if sign > 0 else "better"
+    return "tie"
+
+
+def goal_table(results: dict[str, Any], config: str = RECOMMENDED) -> str:
+    """Issue 14's goals for `config`, per model: against Grad-CAM (intervals overlapping
+    count as a tie, which meets the goal) and against fixed thresholds (on the mean)."""
+    titles = [f"{k} vs Grad-CAM" for k, _ in AGAINST_GRADCAM] + [t for *_, t in THRESHOLDS]
+    lines = ["| model | " + " | ".join(titles) + " | goals met |",
+             "|---|" + "---|" * (len(titles) + 1)]  # fmt: skip
+    for name, r in results.items():
+        s, g = r["summary"].get(config), r["summary"].get("gradcam")
+        if s is None or g is None:
+            continue
+        cells, met = [], 0
+        for key, sign in AGAINST_GRADCAM:
+            v = versus(s.get(key), g.get(key), sign)
+            met += v in ("better", "tie")
+            cells.append(f"{v} ({cell(s.get(key))} vs {cell(g.get(key))})")
+        for key, op, limit, _ in THRESHOLDS:
+            m = s.get(key)
+            ok = m is not None and (m[0] < limit if op == "<" else m[0] >= limit)
+            met += ok
+            cells.append(f"{'yes' if ok else '**no**'} ({cell(m)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {met} of {len(titles)} |")
     return "\n".join(lines)
 
 
@@ -110,6 +160,8 @@ def models_table(folder: Path) -> str:
 
 def report(results: dict[str, Any]) -> None:
     print(summary_table(results) + "\n")
+    if any(RECOMMENDED in r["summary"] for r in results.values()):
+        print(goal_table(results) + "\n")
     for name, r in results.items():
         acc = r["summary"].get("_meta", {}).get("correct")
         print(model_table(name, r["summary"]))

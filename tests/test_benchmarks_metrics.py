@@ -122,3 +122,20 @@ def test_bootstrap_mean_contains_mean() -> None:
     m, lo, hi = metrics.bootstrap_mean(x)
     assert m == pytest.approx(x.mean()) and lo < m < hi
     assert hi - lo == pytest.approx(2 * 1.96 / np.sqrt(200), rel=0.25)
+
+
+def test_goal_comparison_counts_overlapping_intervals_as_a_tie():
+    import quality_report as qr
+
+    assert qr.versus([0.9, 0.85, 0.95], [0.8, 0.7, 0.84], 1) == "better"
+    assert qr.versus([0.9, 0.85, 0.95], [0.8, 0.7, 0.85], 1) == "tie"
+    assert qr.versus([0.1, 0.05, 0.15], [0.3, 0.2, 0.4], -1) == "better"  # deletion: lower
+    assert qr.versus([0.3, 0.2, 0.4], [0.1, 0.05, 0.15], -1) == "worse"
+    gc = {"mask_auc": [0.9, 0.88, 0.92], "insertion": [0.9, 0.88, 0.92],
+          "deletion": [0.2, 0.18, 0.22], "pointing": [0.3, 0.2, 0.4]}  # fmt: skip
+    tube = {**gc, "mask_auc": [0.7, 0.6, 0.8], "specificity": [0.1, 0.0, 0.2],
+            "sanity_spearman_all": [0.5, 0.4, 0.6], "sanity_jaccard_all": [0.2, 0.1, 0.3],
+            "faith_ratio_d0": [4.0, 3.0, 5.0]}  # fmt: skip
+    row = qr.goal_table({"m": {"summary": {"gradcam": gc, qr.RECOMMENDED: tube}}}).splitlines()[2]
+    assert row.startswith("| m | worse (0.70") and row.endswith("| 6 of 8 |")
+    assert "**no** (0.50" in row

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cfp_onnx import classtube, demo
 from cfp_onnx.api import Explainer
@@ -41,17 +42,18 @@ def test_cfp_demo_writes_a_report_without_torch(tmp_path: Path) -> None:
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-def test_demo_class_tube_follows_the_actor() -> None:
-    """The recommended class tube (top-5, contrast) of the trained demo model is hotter on
+@pytest.mark.parametrize("kind", ["pyramid", "contrast"])
+def test_demo_class_tube_follows_the_actor(kind: str) -> None:
+    """The recommended class tube (top-5, pyramid; and contrast) of the trained demo model is hotter on
     the moving object than off it in most frames, and its evidence moves right with it.
     (Its depth-0 maps are 4x4 cells of 28 px at 112 px: a per-frame peak is too coarse.)"""
     clip, truth = demo.clip(0), demo_clip(0)
     ex = Explainer(demo.model_path(), clip_shape=clip.tensor.shape)
-    run = ex.run(clip.tensor, depth=3, full=ex.map_tensors(3))
+    run = ex.run(clip.tensor, depth=3, full=(*ex.map_tensors(3), *classtube.tensors(ex, kind, 3)))
     assert CLASSES[int(np.argmax(run.logits))] == "move_right"
     pyr = ex.pyramid(run, depth=3, theta=0.0, top_n=5)
     assert pyr.max_depth_reached == 2
-    tube = classtube.class_tube(ex, run, pyr, clip.frames.shape[:3], "contrast")
+    tube = classtube.class_tube(ex, run, pyr, clip.frames.shape[:3], kind)
     mask = truth.mask.astype(bool)
     hotter = [tube[t][mask[t]].mean() > tube[t][~mask[t]].mean() for t in range(len(tube))]
     assert sum(hotter) >= 0.75 * len(hotter), hotter

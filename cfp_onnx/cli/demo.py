@@ -2,7 +2,7 @@
 
 The clip (an object moving right among distractors) is generated in a second; the model
 is a small 3D CNN trained on such clips (benchmarks/train.py). Writes DIR/report.html,
-DIR/pyramid.json, the contrast class tube (DIR/class_tube.npy, shown in the report) and
+DIR/pyramid.json, the pyramid class tube (DIR/class_tube.npy, shown in the report) and
 DIR/demo_clip.mp4 (try `cfp explain` on it), and prints the report's path.
 """
 
@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated clip (default 0)")
     add_pyramid_args(p)
     add_view_args(p.add_argument_group("report"))
-    p.set_defaults(format="json", class_tube="contrast")
+    p.set_defaults(format="json", class_tube="pyramid")
 
 
 def run(args: argparse.Namespace) -> int:
