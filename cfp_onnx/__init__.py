@@ -6,7 +6,10 @@ Entry points (imported on first use, so ``import cfp_onnx.exporters`` stays ligh
   explain many clips.
 * ``load_model``, ``ModelInput`` (layout and preprocessing, once) and its ``clip`` (the one
   way a clip comes in), ``explain_clip`` -> ``Explanation`` (pyramid, every kernel's map,
-  shuffle test, class tube), ``render_report`` (HTML string) and ``write_outputs`` (files).
+  shuffle test, class tube, faithfulness check), ``render_report`` (HTML string) and
+  ``write_outputs`` (files).
+* ``check_faithfulness(explainer, clip, pyramid)`` -> ``Faithfulness``: the depth-0
+  kernels' ablation against random kernels of the same layers.
 * ``explain_to`` / ``compare_to``: what ``cfp explain`` / ``cfp compare`` do.
 * Options: ``PyramidOptions``, ``ClipOptions``, ``ViewOptions``. Errors: ``CfpError`` and
   its subclasses (``ModelError``, ``UnsupportedOpError``, ``ClipError``, ``OptionError``,
@@ -25,6 +28,8 @@ _EXPORTS = {
     "explain": ("cfp_onnx.api", "explain"),
     "Pyramid": ("cfp_onnx.pyramid", "Pyramid"),
     "class_tube": ("cfp_onnx.classtube", "class_tube"),
+    "Faithfulness": ("cfp_onnx.faithfulness", "Faithfulness"),
+    "check_faithfulness": ("cfp_onnx.faithfulness", "check"),
     "load_model": ("cfp_onnx.loading", "load_model"),
     "ModelInput": ("cfp_onnx.modelinput", "ModelInput"),
     "load_clip": ("cfp_onnx.video", "load_clip"),

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from cfp_onnx import faithfulness
 from cfp_onnx.api import Explainer
 from cfp_onnx.digest import file_digest
 from cfp_onnx.errors import CfpError, OptionError, OutputError
@@ -82,10 +83,13 @@ class BatchOptions:
     top_n: int | None = None
     head_mode: str = "weights"
     label: str | int = "predicted"
+    faithfulness: int = 0  # random draws of the faithfulness check; 0: no check
 
     def check(self) -> None:
         """Raises OptionError for an option outside the method's range."""
         self.pyramid(None)
+        if not isinstance(self.faithfulness, int) or self.faithfulness < 0:
+            raise OptionError(f"--faithfulness-draws must be >= 1 (got {self.faithfulness!r})")
         if isinstance(self.label, str) and self.label not in LABEL_MODES:
             raise OptionError(
                 f"label {self.label!r}: expected a class index, 'predicted' or 'true'"
@@ -104,10 +108,13 @@ class BatchOptions:
         return int(self.label)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "depth": self.depth, "theta": self.theta, "top_n": self.top_n,
             "head_mode": self.head_mode, "label": self.label,
         }  # fmt: skip
+        if self.faithfulness:  # absent without the check: older batches resume as they were
+            doc["faithfulness"] = self.faithfulness
+        return doc
 
 
 def clip_id(path: Path) -> str:
@@ -192,6 +199,7 @@ class ClipResult:
     predicted: int
     true_label: int | None
     pyramid_json: str
+    faithfulness_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +247,12 @@ class ClipWorker:
         opts = self.spec.options
         run = ex.run(clip, depth=opts.depth)
         pyr = ex.pyramid(run, opts.pyramid(opts.label_for(task)), class_names=self.names)
-        return ClipResult(task.id, task.path, int(np.argmax(run.logits)), task.label, pyr.to_json())
+        faith = None
+        if opts.faithfulness:
+            f = faithfulness.check(ex, clip, pyr, draws=opts.faithfulness)
+            faith = json.dumps(f.to_dict()) if f is not None else None
+        predicted = int(np.argmax(run.logits))
+        return ClipResult(task.id, task.path, predicted, task.label, pyr.to_json(), faith)
 
     def __call__(self, task: ClipTask) -> Outcome:
         """Decode + explain; a user error on this clip is reported, not raised."""
@@ -282,6 +295,8 @@ def write_clip(out: Path, result: ClipResult) -> None:
     with staged_dir(clip_dir(out, result.id), overwrite=True, mark={"clip": result.id}) as tmp:
         data = result.pyramid_json.encode()
         (tmp / "pyramid.json").write_bytes(data)
+        if result.faithfulness_json is not None:
+            (tmp / "faithfulness.json").write_text(result.faithfulness_json)
         meta = {
             "clip": result.id, "source": result.source, "predicted": result.predicted,
             "true_label": result.true_label, "pyramid_bytes": len(data),

@@ -286,7 +286,8 @@ def compare_to(
     on_result: Callable[[Compared], None] | None = None,
 ) -> list[Compared]:
     """Explain each clip with both models into `out` (``out/clip_000/``... for several):
-    ``pyramid_a.json``, ``pyramid_b.json``, ``agreement.json`` and a side-by-side report
+    ``pyramid_a.json``, ``pyramid_b.json``, ``agreement.json`` (``faithfulness_a.json``
+    and ``_b`` with the faithfulness check) and a side-by-side report
     in which selecting a kernel selects its counterpart."""
     from cfp_onnx import compare, report
 
@@ -323,6 +324,9 @@ def compare_to(
             for side, (_, e) in zip(sides, pair):
                 with (folder / f"pyramid_{side.key}.json").open("wb") as f:
                     e.pyramid.write_json(f)
+                if e.faithfulness is not None:
+                    doc_f = json.dumps(e.faithfulness.to_dict())
+                    (folder / f"faithfulness_{side.key}.json").write_text(doc_f)
             doc = {"clip": str(path), **figures.to_dict()}
             (folder / "agreement.json").write_text(json.dumps(doc, allow_nan=False))
             explanations = (pair[0][1], pair[1][1])

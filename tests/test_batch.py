@@ -379,3 +379,23 @@ def test_resume_after_the_model_changed_or_the_manifest_broke_is_refused(
     assert r.returncode == 2 and "damaged" in r.stderr and "--overwrite" in r.stderr, r.stderr
     after = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert {p for p in after} == set(before)
+
+
+def test_faithfulness_per_clip_equals_the_single_clip_check(data: Path, tmp_path: Path) -> None:
+    from cfp_onnx import faithfulness
+
+    out = tmp_path / "out"
+    tasks = tasks_from(data / "clips")[:3]
+    run_batch(spec(data, faithfulness=3), tasks, out, engine=LocalEngine())
+    ex = None
+    for task in tasks:
+        clip = np.load(task.path)
+        ex = ex or Explainer(data / "tiny.onnx", clip_shape=clip.shape)
+        pyr = ex.explain(clip, theta=0.5, class_names=NAMES)
+        want = faithfulness.check(ex, clip, pyr, draws=3)
+        assert want is not None
+        got = json.loads((out / "clips" / task.id / "faithfulness.json").read_text())
+        assert got == json.loads(json.dumps(want.to_dict()))
+    manifest = json.loads((out / "batch.json").read_text())
+    assert manifest["faithfulness"] == 3
+    assert "faithfulness" not in BatchOptions().to_dict()  # older batches resume unchanged

@@ -168,3 +168,14 @@ def test_selecting_a_kernel_selects_its_counterpart(models: dict[str, Path]) -> 
                 models["map"].read_text()
             ).items()
         assert console_errors(driver) == []
+
+
+def test_faithfulness_of_twins_is_the_same_on_both_sides(models: dict[str, Path]) -> None:
+    _compare(models, "torch", "keras", "faith", "--faithfulness-draws", "3", "--no-tubes")
+    docs = [json.loads((models["root"] / "faith" / f"faithfulness_{k}.json").read_text())
+            for k in ("a", "b")]  # fmt: skip
+    assert docs[0]["kernels"] == docs[1]["kernels"] > 0 and docs[0]["draws"] == 3
+    assert docs[0]["score"] == pytest.approx(docs[1]["score"], rel=1e-4)
+    assert docs[0]["pyramid_drop"] == pytest.approx(docs[1]["pyramid_drop"], rel=1e-3, abs=1e-4)
+    html = (models["root"] / "faith" / "report.html").read_text()
+    assert 'id="faithfulness-0"' in html and 'id="faithfulness-1"' in html

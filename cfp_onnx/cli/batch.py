@@ -18,13 +18,20 @@ import sys
 from typing import Any
 
 from cfp_onnx.batch import BatchOptions, Decoding, WorkerSpec, run_batch, tasks_from
-from cfp_onnx.cli.common import _float, _floats, _int, _pair, add_model_args
+from cfp_onnx.cli.common import (
+    _float,
+    _floats,
+    _int,
+    _pair,
+    add_model_args,
+    faithfulness_draws,
+)
 from cfp_onnx.cli.explain import quiet_decoders
 from cfp_onnx.engines import ENGINES, make_engine
 from cfp_onnx.errors import OptionError
 from cfp_onnx.loading import load_model
 from cfp_onnx.modelinfo import class_names
-from cfp_onnx.options import HEAD_MODES, LAYOUTS, SAMPLINGS
+from cfp_onnx.options import DRAWS, HEAD_MODES, LAYOUTS, SAMPLINGS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     y.add_argument("--theta", type=_float("theta"), default=0.6, help="threshold (default 0.6)")
     y.add_argument("--top-n", type=_int("top-n"), help="keep at most N children per kernel")
     y.add_argument("--head-mode", choices=HEAD_MODES, default="weights", help="depth-0 scoring")
+    y.add_argument(
+        "--faithfulness", action="store_true",
+        help="each clip's depth-0 kernels ablated against random ones (faithfulness.json)",
+    )  # fmt: skip
+    y.add_argument(
+        "--faithfulness-draws", type=_int("faithfulness-draws"), metavar="N",
+        help=f"random kernel sets per clip (default {DRAWS}; implies --faithfulness)",
+    )  # fmt: skip
     o = p.add_argument_group("output and engine")
     o.add_argument("--out", default="cfp_batch", help="output folder (default ./cfp_batch)")
     o.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
@@ -71,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_decoders()
     options = BatchOptions(
         depth=args.depth, theta=args.theta, top_n=args.top_n, head_mode=args.head_mode,
-        label=parse_label(args.label),
+        label=parse_label(args.label), faithfulness=faithfulness_draws(args),
     )  # fmt: skip
     options.check()
     if args.limit is not None and args.limit < 1:

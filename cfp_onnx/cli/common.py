@@ -116,11 +116,11 @@ def view_options(args: argparse.Namespace) -> ViewOptions:
         report=not args.no_report, maps=not args.no_tubes,
         tube_files=() if args.no_tubes else args.tubes, per_depth=args.per_depth,
         weighted=args.weighted, class_tube=args.class_tube, shuffle=not args.no_shuffle,
-        faithfulness=_draws(args), fps=args.fps, format=getattr(args, "format", "json"),
+        faithfulness=faithfulness_draws(args), fps=args.fps, format=getattr(args, "format", "json"),
     )  # fmt: skip
 
 
-def _draws(args: argparse.Namespace) -> int:
+def faithfulness_draws(args: argparse.Namespace) -> int:
     """Random draws of the faithfulness check: 0 without it."""
     n = args.faithfulness_draws
     if n is not None and n < 1:
