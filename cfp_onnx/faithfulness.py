@@ -179,10 +179,16 @@ def masked(proto: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
 
 
 def _float_type(y: gs.Variable, node: gs.Node) -> Any:
-    """The conv output's float type: declared, else its weight's (a Conv computes in it)."""
+    """The conv output's float type: declared, else its weight's (a Conv computes in it;
+    a dequantised weight in its scale's type)."""
     dtype = y.dtype
-    if dtype is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-        dtype = node.inputs[1].dtype
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if dtype is None and isinstance(weight, gs.Variable) and len(weight.inputs) == 1:
+        dq = weight.inputs[0]  # a quantised weight: DequantizeLinear computes in its scale's type
+        if dq.op == "DequantizeLinear" and isinstance(dq.inputs[1], gs.Constant):
+            weight = dq.inputs[1]
+    if dtype is None and isinstance(weight, gs.Constant):
+        dtype = weight.dtype
     if dtype not in (np.float32, np.float16, np.float64):
         raise OptionError(
             f"cannot zero the kernels of {y.name!r}: its values are {dtype}, not floats; "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -189,3 +190,53 @@ def test_integer_ops_without_a_rewrite_are_refused_by_name(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert_one_line_error(r, "ConvInteger", "QuantFormat.QDQ")
     assert not (tmp_path / "out").exists()
+
+
+def _zeroed_qdq(path: Path, out: Path, ex: Explainer, kernels: dict[int, np.ndarray]) -> Path:
+    """Reference: a QDQ model whose kernels' int8 weight rows and biases are set to zero (so
+    their conv outputs are exactly zero), another mechanism than the check's masks."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for layer, channels in kernels.items():
+        conv = next(n for n in model.graph.node if n.name == ex.layers[layer].node)
+        for name in conv.input[1:]:
+            src = producer[name].input[0] if name in producer else name  # through Dequantize
+            value = numpy_helper.to_array(inits[src]).copy()
+            value[np.asarray(channels)] = 0
+            inits[src].CopyFrom(numpy_helper.from_array(value, src))
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_faithfulness_check_runs_on_quantised_models(tmp_path, fmt):
+    """The check masks the float conv outputs of the QDQ graph (QOperator files are read as
+    that graph): the unmasked score is onnxruntime's own, and for QDQ the masked score is
+    the one of the model with those kernels' quantised weights zeroed."""
+    pytest.importorskip("torch")
+    from cfp_onnx.exporters.pytorch import export_torch
+
+    from cfp_onnx.faithfulness import check, depth0_kernels
+    from tests.zoo_helpers import TORCH_SHAPE, torch_model
+
+    f = tmp_path / "f.onnx"
+    export_torch(torch_model("resnet50_3d"), TORCH_SHAPE, f)
+    q = _static(f, tmp_path / "q.onnx", TORCH_SHAPE, fmt)
+    clip = np.random.default_rng(5).standard_normal(TORCH_SHAPE).astype(np.float32)
+    ex = Explainer(q, clip_shape=TORCH_SHAPE)
+    pyr = ex.explain(clip, theta=0.6)
+    got = check(ex, clip, pyr, draws=3)
+    assert got is not None and np.isfinite([got.pyramid_drop, *got.random_drops]).all()
+
+    def score(path: Path) -> float:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {sess.get_inputs()[0].name: clip})[0]
+        return float(out.reshape(-1)[pyr.label])
+
+    assert got.score == pytest.approx(score(q), rel=1e-4, abs=1e-5)
+    if fmt == "QDQ":
+        zeroed = _zeroed_qdq(q, tmp_path / "z.onnx", ex, depth0_kernels(pyr))
+        assert got.pyramid_drop == pytest.approx(got.score - score(zeroed), rel=1e-3, abs=1e-4)
