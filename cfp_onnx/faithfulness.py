@@ -4,7 +4,8 @@ The check (``cfp explain --faithfulness``) compares two ablations of the same cl
 pyramid's depth-0 kernels zeroed, and as many kernels drawn at random from the same layers
 (``draws`` times, seeded). Kernels are zeroed by graph surgery: after each conv the check
 needs, a ``Mul`` by a per-channel mask that is a graph input, so every ablation is one row
-of one batched run (one row per run where the model's batch axis is fixed). The first row
+of one batched run (one row per run where the model's batch axis is fixed; several runs
+where one batch's activations would pass BATCH_BYTES). The first row
 masks nothing, so the drops are measured against the same session's own score.
 
 ``ratio`` is the pyramid's drop over the mean random drop: above 1, the pyramid's kernels
@@ -22,6 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from cfp_onnx import resources
 from cfp_onnx.errors import OptionError
 from cfp_onnx.loading import declared_shape, graph_input
 from cfp_onnx.options import DRAWS
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from cfp_onnx.api import Explainer
 
 BOOTSTRAP = 2000
+BATCH_BYTES = 1 << 30
+"""Activations one batched ablation run may hold."""
 MASK = "cfp_mask::"
 
 
@@ -126,26 +130,23 @@ class Ablator:
                     m[r, np.asarray(row[i], np.int64)] = 0.0
             rank = len(self.ex.graph.shape(lay.output))
             masks[MASK + lay.output] = m.reshape(len(rows), lay.c_out, *([1] * (rank - 2)))
-        logits = self.ex.head.logits
-        if self.batched:
-            feeds = {self.session.input_name: np.repeat(clip, len(rows), axis=0), **masks}
-            out = self.session.feed(feeds, [logits])[logits]
-            return np.asarray(out, np.float64).reshape(len(rows), -1)
-        return np.stack(
-            [
-                np.asarray(
-                    self.session.feed(
-                        {
-                            self.session.input_name: clip,
-                            **{k: v[r : r + 1] for k, v in masks.items()},
-                        },
-                        [logits],
-                    )[logits],
-                    np.float64,
-                ).reshape(-1)
-                for r in range(len(rows))
-            ]
-        )
+        logits, step = self.ex.head.logits, self.rows_per_run
+        out = []
+        for lo in range(0, len(rows), step):
+            n = min(step, len(rows) - lo)
+            feeds = {self.session.input_name: np.repeat(clip, n, axis=0)}
+            feeds.update({k: v[lo : lo + n] for k, v in masks.items()})
+            out.append(np.asarray(self.session.feed(feeds, [logits])[logits], np.float64))
+        return np.concatenate(out).reshape(len(rows), -1)
+
+    @property
+    def rows_per_run(self) -> int:
+        """Rows one run takes: 1 for a fixed batch axis, else as many as keep the batch's
+        activations within BATCH_BYTES (a 224-px clip's are several times a 112-px one's)."""
+        if not self.batched:
+            return 1
+        per_row = resources.estimate(self.ex.shapes, [], []).activations
+        return max(1, BATCH_BYTES // max(1, per_row))
 
 
 def masked(proto: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:

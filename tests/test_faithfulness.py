@@ -140,3 +140,13 @@ def test_cli_writes_faithfulness_json_and_the_report_shows_it(model, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].endswith("--faithfulness-draws must be >= 1 (got 0)")
     assert not (tmp_path / "b").exists()
+
+
+def test_rows_are_split_into_runs_that_fit_the_batch_budget(model, monkeypatch):
+    path, ex, x = model
+    ab = F.Ablator(ex, [len(ex.layers) - 1])
+    rows = [{}, *({len(ex.layers) - 1: np.array([c])} for c in range(5))]
+    whole = ab.logits(x, rows)
+    monkeypatch.setattr(F, "BATCH_BYTES", 1)  # one row a run
+    assert ab.rows_per_run == 1
+    np.testing.assert_allclose(ab.logits(x, rows), whole, rtol=1e-5, atol=1e-6)

@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         print_summary(e.pyramid)
         if e.faithfulness is not None:
             print(f"faithfulness: {e.faithfulness.summary}")
+        elif view.faithfulness:
+            print("faithfulness: not checked, the pyramid is empty (no kernel to zero)")
 
     from tqdm import tqdm
 
