@@ -142,8 +142,11 @@ def output_tensors(ex: Explainer, depth: int) -> tuple[str, ...]:
 
 
 def tensors(ex: Explainer, kind: str | None, depth: int) -> tuple[str, ...]:
-    """Full maps a run needs for a class tube of `kind`, beyond ``ex.map_tensors(depth)``."""
-    return output_tensors(ex, depth) if kind == "pyramid" else ()
+    """Full maps a run needs for a class tube of `kind`: every reachable layer's output
+    for ``pyramid``, the SPEC §6 maps' tensors (``ex.map_tensors``) for the others."""
+    if kind is None:
+        return ()
+    return output_tensors(ex, depth) if kind == "pyramid" else ex.map_tensors(depth)
 
 
 def _pyramid_sums(ex: Explainer, pyr: Pyramid, run: Run) -> dict[tuple[int, ...], np.ndarray]:
@@ -241,7 +244,7 @@ def class_tube(
 ) -> np.ndarray:
     """The class tube of `pyr` at `size` ``(T, H, W)``, float32, not normalised.
 
-    `run` must hold ``ex.map_tensors(pyr.depth)`` and ``tensors(ex, kind, pyr.depth)``.
+    `run` must hold ``tensors(ex, kind, pyr.depth)``.
     ``contrast`` builds every class's pyramid from the same run (one back-step level
     each), ``pyramid`` every class's whole pyramid, so their cost grows with the number
     of classes; with ``top_n`` each is a handful of kernels.

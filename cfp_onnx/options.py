@@ -195,5 +195,6 @@ class ViewOptions:
 
     @property
     def needs_maps(self) -> bool:
-        """Whether the run must return full feature maps."""
-        return (self.report and self.maps) or bool(self.tube_files) or bool(self.class_tube)
+        """Whether every kernel's map is kept (the report's tubes, tube files); the class
+        tube says itself which full maps it reads (``classtube.tensors``)."""
+        return (self.report and self.maps) or bool(self.tube_files)
