@@ -123,8 +123,7 @@ def flow(pyr: Pyramid) -> np.ndarray:
     src, dst, rel = pyr.link_source, pyr.link_target, pyr.link_relevance
     if len(src) == 0:
         return f
-    out_sum = np.bincount(src, weights=rel, minlength=n)
-    share = np.where(out_sum[src] > 0, rel / np.where(out_sum[src] > 0, out_sum[src], 1.0), 0.0)
+    share = _shares(src, rel, n)
     layer = pyr.node_layer[src]
     order = np.argsort(-layer, kind="stable")
     src, dst, share, layer = src[order], dst[order], share[order], layer[order]
@@ -132,6 +131,12 @@ def flow(pyr: Pyramid) -> np.ndarray:
     for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(src)]):
         f += np.bincount(dst[lo:hi], weights=f[src[lo:hi]] * share[lo:hi], minlength=n)
     return f
+
+
+def _shares(src: np.ndarray, rel: np.ndarray, n: int) -> np.ndarray:
+    """Each link's share of its parent's flow: its relevance over the parent's total."""
+    out_sum = np.bincount(src, weights=rel, minlength=n)[src]
+    return np.where(out_sum > 0, rel / np.where(out_sum > 0, out_sum, 1.0), 0.0)
 
 
 def output_tensors(ex: Explainer, depth: int) -> tuple[str, ...]:
@@ -203,8 +208,7 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     n = len(union.node_layer)
     src, dst, lrel = union.link_source, union.link_target, union.link_relevance  # by source
     indptr = np.searchsorted(src, np.arange(n + 1))
-    out_sum = np.bincount(src, weights=lrel, minlength=n)
-    share = lrel / np.where(out_sum[src] > 0, out_sum[src], 1.0)
+    share = _shares(src, lrel, n)
     by_layer = [np.flatnonzero(union.node_layer == la) for la in np.unique(union.node_layer)]
 
     def children(k: np.ndarray, parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -294,7 +294,8 @@ def compare_to(
     opts = as_options(pyramid, PyramidOptions, "pyramid")
     copts = as_options(clip_options, ClipOptions, "clip_options")
     base = as_options(view, ViewOptions, "view")
-    view = replace(base, class_tube=base.class_tube or "weighted", tube_files=(), report=False)
+    # The page's kernel tubes need every map (report and maps); compare writes no tube files.
+    view = replace(base, class_tube=base.class_tube or "weighted", tube_files=())
     protect = [model_a, model_b, *clips]
     outputs.check_target(out, overwrite=overwrite, protect=protect)
     sides = []
@@ -330,7 +331,7 @@ def compare_to(
             doc = {"clip": str(path), **figures.to_dict()}
             (folder / "agreement.json").write_text(json.dumps(doc, allow_nan=False))
             explanations = (pair[0][1], pair[1][1])
-            if base.report:
+            if view.report:
                 title = f"{explanations[0].pyramid.model} vs {explanations[1].pyramid.model}"
                 html = report.render(explanations, title=title, agreement=figures.rows(),
                                      counterparts=twins)  # fmt: skip

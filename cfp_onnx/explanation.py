@@ -110,7 +110,7 @@ class Explanation:
         motion_ratio: per node, its response with the frames shuffled over without (NaN:
             inactive), or None when the shuffle test did not run.
         class_tube: the signed class tube at clip size, or None.
-        class_tube_kind: its kind (``weighted`` or ``contrast``).
+        class_tube_kind: its kind (``weighted``, ``contrast`` or ``pyramid``).
         faithfulness: the depth-0 ablation check, or None when it was not asked for.
         class_names: the model's class names, if it has them.
         options: the view options it was made with.

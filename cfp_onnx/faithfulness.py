@@ -15,6 +15,7 @@ bootstrap over the random draws.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -149,6 +150,21 @@ class Ablator:
         return max(1, BATCH_BYTES // max(1, per_row))
 
 
+_ABLATORS: weakref.WeakKeyDictionary[Explainer, dict[tuple[int, ...], Ablator]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _ablator(explainer: Explainer, layers: tuple[int, ...]) -> Ablator:
+    """One masked session per explainer and layer set: batch and window runs check many
+    clips, and the surgery and session build cost more than a forward."""
+    made = _ABLATORS.setdefault(explainer, {})
+    key = tuple(sorted(layers))
+    if key not in made:
+        made[key] = Ablator(explainer, key)
+    return made[key]
+
+
 def masked(proto: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     """`proto` with ``y * mask`` after each tensor ``y`` of `tensors`: the mask is a graph
     input ``cfp_mask::<y>`` of shape ``[batch, C, 1, ...]``. The caller's model is untouched."""
@@ -252,7 +268,7 @@ def check(
     c_out = {la: explainer.layers[la].c_out for la in kernels}
     rows: list[Mapping[int, np.ndarray]] = [{}, kernels]
     rows += [random_like(kernels, c_out, rng) for _ in range(draws)]
-    ab = ablator if ablator is not None else Ablator(explainer, list(kernels))
+    ab = ablator if ablator is not None else _ablator(explainer, tuple(kernels))
     scores = ab.logits(explainer.prepare_clip(clip), rows)[:, pyr.label]
     base = float(scores[0])
     drops = base - scores[2:]
