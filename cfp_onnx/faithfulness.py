@@ -106,8 +106,14 @@ class Ablator:
     """The model with a per-channel mask after some convs: class scores with kernels zeroed."""
 
     def __init__(self, explainer: Explainer, layers: Sequence[int]) -> None:
-        self.ex = explainer
+        # What the runs need, not the explainer itself: the module's cache is keyed weakly
+        # by the explainer, and a value holding its key would keep both alive for good.
         self.layers = tuple(sorted({int(i) for i in layers}))
+        self._masked = [
+            (lay.output, lay.c_out, len(explainer.graph.shape(lay.output)))
+            for lay in (explainer.layers[i] for i in self.layers)
+        ]
+        self._logits = explainer.head.logits
         proto = masked(explainer.loaded.proto, [explainer.layers[i].output for i in self.layers])
         self.session = Session(
             proto,
@@ -118,20 +124,19 @@ class Ablator:
         )
         batch = declared_shape(graph_input(explainer.loaded.proto))[0]
         self.batched = not isinstance(batch, int)
+        self._per_row = resources.estimate(explainer.shapes, [], []).activations
 
     def logits(self, clip: np.ndarray, rows: Sequence[Mapping[int, np.ndarray]]) -> np.ndarray:
         """``[len(rows), classes]`` logits of `clip` (the model's input, batch 1) with each
         row's kernels (layer index -> channels) zeroed."""
         masks = {}
-        for i in self.layers:
-            lay = self.ex.layers[i]
-            m = np.ones((len(rows), lay.c_out), np.float32)
+        for i, (output, c_out, rank) in zip(self.layers, self._masked):
+            m = np.ones((len(rows), c_out), np.float32)
             for r, row in enumerate(rows):
                 if i in row:
                     m[r, np.asarray(row[i], np.int64)] = 0.0
-            rank = len(self.ex.graph.shape(lay.output))
-            masks[MASK + lay.output] = m.reshape(len(rows), lay.c_out, *([1] * (rank - 2)))
-        logits, step = self.ex.head.logits, self.rows_per_run
+            masks[MASK + output] = m.reshape(len(rows), c_out, *([1] * (rank - 2)))
+        logits, step = self._logits, self.rows_per_run
         out = []
         for lo in range(0, len(rows), step):
             n = min(step, len(rows) - lo)
@@ -146,23 +151,20 @@ class Ablator:
         activations within BATCH_BYTES (a 224-px clip's are several times a 112-px one's)."""
         if not self.batched:
             return 1
-        per_row = resources.estimate(self.ex.shapes, [], []).activations
-        return max(1, BATCH_BYTES // max(1, per_row))
+        return max(1, BATCH_BYTES // max(1, self._per_row))
 
 
-_ABLATORS: weakref.WeakKeyDictionary[Explainer, dict[tuple[int, ...], Ablator]] = (
-    weakref.WeakKeyDictionary()
-)
+_ABLATORS: weakref.WeakKeyDictionary[Explainer, Ablator] = weakref.WeakKeyDictionary()
 
 
 def _ablator(explainer: Explainer, layers: tuple[int, ...]) -> Ablator:
-    """One masked session per explainer and layer set: batch and window runs check many
-    clips, and the surgery and session build cost more than a forward."""
-    made = _ABLATORS.setdefault(explainer, {})
-    key = tuple(sorted(layers))
-    if key not in made:
-        made[key] = Ablator(explainer, key)
-    return made[key]
+    """The explainer's last masked session, reused while the layer set repeats (batch and
+    window runs check many clips, and the surgery and session cost more than a forward);
+    one per explainer at most, since each holds a copy of the model."""
+    ab = _ABLATORS.get(explainer)
+    if ab is None or ab.layers != tuple(sorted(layers)):
+        ab = _ABLATORS[explainer] = Ablator(explainer, layers)
+    return ab
 
 
 def masked(proto: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:

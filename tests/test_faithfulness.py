@@ -150,3 +150,21 @@ def test_rows_are_split_into_runs_that_fit_the_batch_budget(model, monkeypatch):
     monkeypatch.setattr(F, "BATCH_BYTES", 1)  # one row a run
     assert ab.rows_per_run == 1
     np.testing.assert_allclose(ab.logits(x, rows), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_session_is_reused_and_freed_with_its_explainer(model):
+    import gc
+    import weakref
+
+    path, _, x = model
+    ex = Explainer(str(path), clip_shape=x.shape)
+    pyr = ex.pyramid(ex.run(x, depth=2), depth=2, theta=0.5)
+    layers = tuple(F.depth0_kernels(pyr))
+    first = F._ablator(ex, layers)
+    assert F._ablator(ex, layers) is first  # the next clip's check reuses the session
+    other = F._ablator(ex, (0,))
+    assert other is not first and F._ablator(ex, (0,)) is other  # one per explainer at most
+    gone = weakref.ref(ex)
+    del ex, first, other
+    gc.collect()
+    assert gone() is None  # the cache does not keep the explainer (nor its sessions) alive
