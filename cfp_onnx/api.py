@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from cfp_onnx.errors import ClipError, ModelError, OptionError
 from cfp_onnx.loading import (
     LoadedModel,
     analysis_proto,
+    declared_shape,
     graph_input,
     load_model,
     resolve_input_shape,
@@ -201,8 +202,10 @@ class Explainer:
     # ------------------------------------------------------------------ running
 
     def taps(self, depth: int, full: tuple[str, ...] = ()) -> list[Tap]:
+        """Pooled taps average over every axis but the batch (0) and the channel: a batched
+        run gives each clip its own row (for one clip, the same elements in the same order)."""
         head_rank = len(self.graph.shape(self.head.input))
-        head_axes = tuple(a for a in range(head_rank) if a != self.head.feature_axis)
+        head_axes = tuple(a for a in range(1, head_rank) if a != self.head.feature_axis)
         taps = [
             Tap(self.head.logits, self.head.logits),
             Tap(self.head.input, pooled_name(self.head.input), head_axes),
@@ -210,7 +213,7 @@ class Explainer:
         for i in self.expanded_layers(depth).tolist():
             t = self.layers[i].input
             rank = len(self.graph.shape(t))
-            taps.append(Tap(t, pooled_name(t), (0, *range(2, rank))))
+            taps.append(Tap(t, pooled_name(t), tuple(range(2, rank))))
         taps += [Tap(t, full_name(t)) for t in full]
         return taps
 
@@ -248,7 +251,31 @@ class Explainer:
     def run(self, clip: Any, *, depth: int = 3, full: tuple[str, ...] = ()) -> Run:
         """One instrumented forward: logits, pooled head input and conv inputs, any full maps."""
         arr = self.prepare_clip(clip)
-        taps = self.taps(depth, full)
+        taps = self._checked_taps(depth, full, 1)
+        out = self.session(taps).run(arr, [t.name for t in taps])
+        return self._run_of(out, taps, depth, full, 0)
+
+    def run_many(self, clips: Sequence[np.ndarray], *, depth: int = 3) -> list[Run]:
+        """The runs of several clips from one batched forward, where the model's batch axis
+        is dynamic: each equals the clip's own `run` (the caller checks it, see
+        ``cfp_onnx.batch``). Raises ModelError when the graph cannot run a batch (a
+        reshape that fixes it to 1, say)."""
+        if len(clips) == 1 or not self.batchable:
+            return [self.run(c, depth=depth) for c in clips]
+        arrs = [self.prepare_clip(c) for c in clips]
+        taps = self._checked_taps(depth, (), len(arrs))
+        out = self.session(taps).run(np.concatenate(arrs), [t.name for t in taps])
+        if any(len(v) != len(arrs) for v in out.values()):
+            raise ModelError(f"a batch of {len(arrs)} clips gives outputs of another batch")
+        return [self._run_of(out, taps, depth, (), i) for i in range(len(arrs))]
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the model declares a dynamic batch axis (clips can share a forward)."""
+        return not isinstance(declared_shape(graph_input(self.loaded.proto))[0], int)
+
+    def _checked_taps(self, depth: int, full: tuple[str, ...], clips: int) -> list[Tap]:
+        """The taps of a run, after the memory guard (`clips` clips in one forward)."""
         key = (depth, full)
         if key not in self._estimates:  # static shapes: the same for every clip
             levels = self.levels(depth)
@@ -256,17 +283,25 @@ class Explainer:
             self._estimates[key] = resources.estimate(
                 self.shapes, self.expanded_layers(depth).tolist(), reachable, full
             )
-        resources.check(self._estimates[key], self.memory_limit)
+        est = self._estimates[key]
+        if clips > 1:  # the activations and taps scale with the batch, the weights do not
+            est = replace(est, activations=est.activations * clips, exposed=est.exposed * clips)
+        resources.check(est, self.memory_limit)
         self.prefetch(depth)  # the back-step's weights read while the forward runs
-        out = self.session(taps).run(arr, [t.name for t in taps])
-        logits = np.asarray(out[self.head.logits], dtype=np.float64).reshape(-1)
+        return self.taps(depth, full)
+
+    def _run_of(
+        self, out: dict[str, Any], taps: list[Tap], depth: int, full: tuple[str, ...], i: int
+    ) -> Run:
+        """Clip `i`'s run from a forward's outputs (its row of every output)."""
+        logits = np.asarray(out[self.head.logits][i], dtype=np.float64).reshape(-1)
         if logits.size != self.classes:
             raise ModelError(
                 f"logits tensor {self.head.logits!r} has {logits.size} values for {self.classes} classes"
             )
-        pooled = {t.tensor: out[t.name].reshape(-1) for t in taps[2:] if t.pool_axes is not None}
-        full_maps = {t.tensor: out[t.name][0] for t in taps if t.name.startswith("cfp_full::")}
-        features = out[pooled_name(self.head.input)].reshape(-1)
+        pooled = {t.tensor: out[t.name][i].reshape(-1) for t in taps[2:] if t.pool_axes is not None}
+        full_maps = {t.tensor: out[t.name][i] for t in taps if t.name.startswith("cfp_full::")}
+        features = out[pooled_name(self.head.input)][i].reshape(-1)
         if not all(np.all(np.isfinite(v)) for v in (logits, features, *pooled.values())):
             raise ModelError(self._nonfinite_message())
         return Run(logits, features, pooled, full_maps, Plan(depth, tuple(full)))

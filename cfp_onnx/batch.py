@@ -2,19 +2,21 @@
 
 The output folder is the run's state, so a run can be stopped and resumed:
 
-- ``clips/<clip-id>/`` holds ``pyramid.json`` (SPEC §5) and ``clip.json`` (source,
-  predicted and true label, and the size and sha256 of its ``pyramid.json``); each
-  folder appears whole (staged, then renamed), and a clip whose files are intact is done:
-  a re-run skips it. A damaged clip (a file missing, truncated or changed since) is
-  redone: by size when the run starts, by hash when the summary reads it.
+- ``clips/<clip-id>/`` holds ``nodes.npz`` (the pyramid's kernels: layer, channel,
+  depth, relevance), ``pyramid.json`` (SPEC §5; not with ``clip_pyramids="nodes"``,
+  which a dataset of ResNets needs: theirs are ~100 MB a clip) and ``clip.json`` (source,
+  labels, score, link count, and the size and sha256 of each file); each folder appears
+  whole (staged, then renamed), and a clip whose files are intact is done: a re-run skips
+  it. A damaged clip (a file missing, truncated or changed since) is redone: by size when
+  the run starts, by hash when the summary reads it.
 - ``classes/<label>/`` holds ``class_pyramid.json`` and ``report.html``: for each kernel,
   the share of the class's clips whose pyramid holds it, its mean relevance over
   those clips and its smallest depth.
 - ``summary.csv``: one row per finished clip.
 
 Class pyramids and the summary are rebuilt at the end of every run by streaming over
-the per-clip files in clip order (one clip in memory at a time, running sums in arrays
-keyed by kernel id): they equal an uninterrupted run's whatever was resumed, and
+the per-clip ``nodes.npz`` in clip order (one clip in memory at a time, running sums in
+arrays keyed by kernel id): they equal an uninterrupted run's whatever was resumed, and
 whichever engine computed the clips.
 """
 
@@ -27,15 +29,18 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+import zipfile
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from cfp_onnx import faithfulness
-from cfp_onnx.api import Explainer
+from cfp_onnx.api import Explainer, Run
 from cfp_onnx.digest import file_digest
 from cfp_onnx.errors import CfpError, OptionError, OutputError
 from cfp_onnx.loading import LoadedModel, load_model
@@ -44,17 +49,21 @@ from cfp_onnx.modelinput import ModelInput
 from cfp_onnx.options import ClipOptions, PyramidOptions
 from cfp_onnx.outputs import guard, staged_dir, write_file
 from cfp_onnx.provenance import KernelSpace
+from cfp_onnx.pyramid import Pyramid
 from cfp_onnx.video import (
     IMAGE_EXTENSIONS,
     TENSOR_EXTENSIONS,
     VIDEO_EXTENSIONS,
     natural_key,
 )
+from cfp_onnx.xp import to_numpy
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "batch.json"
 LABEL_MODES = ("predicted", "true")
+CLIP_PYRAMIDS = ("full", "nodes")
+NODES = "nodes.npz"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -84,10 +93,15 @@ class BatchOptions:
     head_mode: str = "weights"
     label: str | int = "predicted"
     faithfulness: int = 0  # random draws of the faithfulness check; 0: no check
+    clip_pyramids: str = "full"  # "full": each clip's pyramid.json too; "nodes": its kernels
 
     def check(self) -> None:
         """Raises OptionError for an option outside the method's range."""
         self.pyramid(None)
+        if self.clip_pyramids not in CLIP_PYRAMIDS:
+            raise OptionError(
+                f"--clip-pyramids {self.clip_pyramids!r}: choose {' or '.join(CLIP_PYRAMIDS)}"
+            )
         if not isinstance(self.faithfulness, int) or self.faithfulness < 0:
             raise OptionError(f"--faithfulness-draws must be >= 1 (got {self.faithfulness!r})")
         if isinstance(self.label, str) and self.label not in LABEL_MODES:
@@ -114,6 +128,8 @@ class BatchOptions:
         }  # fmt: skip
         if self.faithfulness:  # absent without the check: older batches resume as they were
             doc["faithfulness"] = self.faithfulness
+        if self.clip_pyramids != "full":  # absent when full: what every older batch wrote
+            doc["clip_pyramids"] = self.clip_pyramids
         return doc
 
 
@@ -191,15 +207,79 @@ def _check_unique(tasks: Sequence[ClipTask]) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class Nodes:
+    """A clip pyramid's kernels as columns (lossless: what class pyramids are made of).
+
+    ``layer`` indexes ``layers`` (every conv of the model, topological order); written
+    as ``nodes.npz`` beside ``clip.json``.
+    """
+
+    layers: tuple[str, ...]
+    layer: np.ndarray  # int32
+    channel: np.ndarray  # int32
+    depth: np.ndarray  # int8
+    relevance: np.ndarray  # float64
+
+    @classmethod
+    def of(cls, pyr: Pyramid) -> Nodes:
+        return cls(
+            pyr.layers,
+            pyr.node_layer.astype(np.int32),
+            pyr.node_channel.astype(np.int32),
+            pyr.node_depth.astype(np.int8),
+            pyr.node_relevance.astype(np.float64),
+        )
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(
+            buf, layers=np.array(self.layers, dtype=str), layer=self.layer,
+            channel=self.channel, depth=self.depth, relevance=self.relevance,
+        )  # fmt: skip
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Nodes:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            return cls(
+                tuple(f["layers"].tolist()), f["layer"], f["channel"], f["depth"],
+                f["relevance"],
+            )  # fmt: skip
+
+    def kernel_ids(self, space: KernelSpace) -> np.ndarray:
+        """Kernel ids in `space` (the model's: checked by name, not assumed)."""
+        offsets = np.asarray(space.offsets, np.int64)
+        if self.layers != space.layers:
+            raise ValueError("nodes of another model's layers")
+        layer = self.layer.astype(np.int64)
+        width = offsets[1:] - offsets[:-1]
+        if len(layer) and not (0 <= self.channel.min() and np.all(self.channel < width[layer])):
+            raise ValueError("a node's channel is outside its layer")
+        return offsets[layer] + self.channel
+
+
+@dataclass(frozen=True, slots=True)
 class ClipResult:
-    """What one clip gave: the SPEC §5 JSON text and the labels for the summary."""
+    """What one clip gave: its pyramid's kernels and labels for the summary and class
+    pyramids, and with ``clip_pyramids="full"`` the pyramid for its SPEC §5 file (the
+    `Pyramid` itself in this process, its JSON bytes from another)."""
 
     id: str
     source: str
     predicted: int
     true_label: int | None
-    pyramid_json: str
+    label: int
+    score: float
+    links: int
+    nodes: Nodes
+    pyramid: Pyramid | bytes | None = None
     faithfulness_json: str | None = None
+
+    def portable(self) -> ClipResult:
+        """This result as plain data, to cross a process boundary (a Ray actor's)."""
+        if isinstance(self.pyramid, Pyramid):
+            return replace(self, pyramid=self.pyramid.to_json().encode())
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,25 +314,69 @@ class ClipWorker:
         self.explainer = explainer
         self.names = class_names(self.loaded)
         self.model_input: ModelInput | None = None
+        self.batching: bool | None = None  # None: not yet checked on a batch
 
     def decode(self, task: ClipTask) -> np.ndarray:
-        """The clip as a model input tensor, through ModelInput (raises ClipError)."""
-        if self.model_input is None:
-            self.model_input = ModelInput.of(self.loaded, self.spec.decoding)
-        return self.model_input.clip(task.path, self.loaded).tensor
+        """The clip as a model input tensor, through ModelInput (raises ClipError).
+        Safe from several threads at once (a pool of decoders)."""
+        mi = self.model_input
+        if mi is None:
+            mi = self.model_input = ModelInput.of(self.loaded, self.spec.decoding)
+        return mi.clip(task.path, self.loaded).tensor
 
     def explain(self, task: ClipTask, clip: np.ndarray) -> ClipResult:
-        """One forward and the pyramid, as JSON text."""
+        """One forward and the pyramid: its kernels, and the pyramid itself if kept."""
         ex = self.explainer_for(clip)
+        return self._result(ex, task, clip, ex.run(clip, depth=self.spec.options.depth))
+
+    def explain_many(self, items: Sequence[tuple[ClipTask, np.ndarray]]) -> list[Outcome]:
+        """Several clips through one batched forward where the model's batch is dynamic,
+        each giving exactly what `explain` gives it alone.
+
+        That is checked, not assumed: the first batch is also run clip by clip, and unless
+        every run matches bit for bit (a graph that fixes its batch, or a kernel whose
+        results depend on it) batching is off for this worker. A batch holding a bad clip
+        is redone clip by clip, so the error is that clip's alone.
+        """
+        ex = self.explainer_for(items[0][1])
+        depth = self.spec.options.depth
+        if len(items) == 1 or not ex.batchable or self.batching is False:
+            return [self._safe(task, clip) for task, clip in items]
+        try:
+            runs = ex.run_many([clip for _, clip in items], depth=depth)
+            if self.batching is None:  # the first batch: checked against single runs
+                alone = [ex.run(clip, depth=depth) for _, clip in items]
+                self.batching = all(map(_same_run, runs, alone))
+                if not self.batching:
+                    log.info("batched forwards differ from single ones here: clips run alone")
+                    runs = alone
+        except CfpError:
+            return [self._safe(task, clip) for task, clip in items]
+        out: list[Outcome] = []
+        for (task, clip), run in zip(items, runs):
+            try:
+                out.append(self._result(ex, task, clip, run))
+            except CfpError as exc:
+                out.append(ClipFailure(task.id, str(exc)))
+        return out
+
+    def _safe(self, task: ClipTask, clip: np.ndarray) -> Outcome:
+        try:
+            return self.explain(task, clip)
+        except CfpError as exc:
+            return ClipFailure(task.id, str(exc))
+
+    def _result(self, ex: Explainer, task: ClipTask, clip: np.ndarray, run: Run) -> ClipResult:
         opts = self.spec.options
-        run = ex.run(clip, depth=opts.depth)
         pyr = ex.pyramid(run, opts.pyramid(opts.label_for(task)), class_names=self.names)
         faith = None
         if opts.faithfulness:
             f = faithfulness.check(ex, clip, pyr, draws=opts.faithfulness)
             faith = json.dumps(f.to_dict()) if f is not None else None
-        predicted = int(np.argmax(run.logits))
-        return ClipResult(task.id, task.path, predicted, task.label, pyr.to_json(), faith)
+        return ClipResult(
+            task.id, task.path, int(np.argmax(run.logits)), task.label, pyr.label, pyr.score,
+            pyr.n_links, Nodes.of(pyr), pyr if opts.clip_pyramids == "full" else None, faith,
+        )  # fmt: skip
 
     def __call__(self, task: ClipTask) -> Outcome:
         """Decode + explain; a user error on this clip is reported, not raised."""
@@ -271,6 +395,20 @@ class ClipWorker:
         return self.explainer
 
 
+def _same(a: Any, b: Any) -> bool:
+    return bool(a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b))
+
+
+def _same_run(a: Run, b: Run) -> bool:
+    """Bit for bit: a pyramid is a function of its run, so equal runs give equal pyramids."""
+    return (
+        _same(a.logits, b.logits)
+        and _same(a.features, b.features)
+        and a.pooled.keys() == b.pooled.keys()
+        and all(_same(to_numpy(a.pooled[k]), to_numpy(b.pooled[k])) for k in a.pooled)
+    )
+
+
 # --------------------------------------------------------------------------- the output folder
 
 
@@ -279,28 +417,59 @@ def clip_dir(out: Path, cid: str) -> Path:
 
 
 def is_done(out: Path, cid: str) -> bool:
-    """A clip is done when its folder holds a readable ``clip.json`` and a ``pyramid.json`` of
-    the size it records (folders appear whole: staged, then renamed). A cheap check, by
-    ``stat``; ``read_clip`` checks the hash."""
+    """A clip is done when its folder holds a readable ``clip.json`` and files of the sizes
+    it records (folders appear whole: staged, then renamed). A cheap check, by ``stat``;
+    ``read_clip`` checks the hashes."""
     folder = clip_dir(out, cid)
     try:
         meta = json.loads((folder / "clip.json").read_bytes())
-        return bool((folder / "pyramid.json").stat().st_size == meta["pyramid_bytes"])
+        files = meta["files"]
+        return NODES in files and all(
+            (folder / name).stat().st_size == files[name]["bytes"] for name in files
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
+class _Hashing:
+    """A binary file that hashes what passes through it (a 100 MB pyramid.json hashed as
+    it is written, not read back)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def record(self) -> dict[str, Any]:
+        return {"bytes": self.size, "sha256": self.sha.hexdigest()}
+
+
 def write_clip(out: Path, result: ClipResult) -> None:
-    """Write one clip's folder atomically."""
+    """Write one clip's folder atomically: ``nodes.npz``, ``pyramid.json`` if kept, any
+    ``faithfulness.json``, then ``clip.json`` recording every file's size and sha256."""
     with staged_dir(clip_dir(out, result.id), overwrite=True, mark={"clip": result.id}) as tmp:
-        data = result.pyramid_json.encode()
-        (tmp / "pyramid.json").write_bytes(data)
-        if result.faithfulness_json is not None:
-            (tmp / "faithfulness.json").write_text(result.faithfulness_json)
+        files = {}
+        for name, body in (
+            (NODES, result.nodes.to_bytes()),
+            ("pyramid.json", result.pyramid),
+            ("faithfulness.json", result.faithfulness_json),
+        ):
+            if body is None:
+                continue
+            with (tmp / name).open("wb") as fh:
+                h = _Hashing(fh)
+                if isinstance(body, Pyramid):
+                    body.write_json(h)  # type: ignore[arg-type]
+                else:
+                    h.write(body.encode() if isinstance(body, str) else body)
+            files[name] = h.record()
         meta = {
             "clip": result.id, "source": result.source, "predicted": result.predicted,
-            "true_label": result.true_label, "pyramid_bytes": len(data),
-            "pyramid_sha256": hashlib.sha256(data).hexdigest(),
+            "true_label": result.true_label, "label": result.label, "score": result.score,
+            "links": result.links, "files": files,
         }  # fmt: skip
         (tmp / "clip.json").write_text(json.dumps(meta))
 
@@ -378,16 +547,9 @@ class Aggregates:
         self.space = space
         self.classes: dict[int, ClassAggregate] = {}
 
-    def add(self, pyramid: dict[str, Any]) -> None:
-        agg = self.classes.setdefault(int(pyramid["label"]), ClassAggregate(self.space.size))
-        nodes = pyramid["nodes"]
-        agg.add(
-            self.space.ids_of(
-                [n["layer"] for n in nodes], np.array([n["channel"] for n in nodes], np.int64)
-            ),
-            np.array([n["depth"] for n in nodes], dtype=np.int64),
-            np.array([n["relevance"] for n in nodes], dtype=np.float64),
-        )
+    def add(self, label: int, nodes: Nodes) -> None:
+        agg = self.classes.setdefault(int(label), ClassAggregate(self.space.size))
+        agg.add(nodes.kernel_ids(self.space), nodes.depth.astype(np.int64), nodes.relevance)
 
 
 def class_pyramid(
@@ -449,29 +611,36 @@ def summary_header(depth: int) -> list[str]:
     return ["clip", "predicted", "true_label", "label", "score", *kernels, "links"]
 
 
-def summary_row(meta: dict[str, Any], pyramid: dict[str, Any], depth: int) -> list[Any]:
+def summary_row(meta: dict[str, Any], nodes: Nodes, depth: int) -> list[Any]:
     """One CSV row: labels, the explained class's score, kernels per depth, links."""
-    per_depth = [0] * depth
-    for n in pyramid["nodes"]:
-        per_depth[n["depth"]] += 1
+    per_depth = np.bincount(nodes.depth.astype(np.int64), minlength=depth)[:depth].tolist()
     true = meta["true_label"]
     return [
-        meta["clip"], meta["predicted"], "" if true is None else true, pyramid["label"],
-        repr(float(pyramid["score"])), *per_depth, len(pyramid["links"]),
+        meta["clip"], meta["predicted"], "" if true is None else true, meta["label"],
+        repr(float(meta["score"])), *per_depth, meta["links"],
     ]  # fmt: skip
 
 
-def read_clip(out: Path, cid: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """A finished clip's metadata and pyramid, or None when its files are damaged (not
-    the bytes ``clip.json`` recorded, or unreadable)."""
+def read_clip(out: Path, cid: str) -> tuple[dict[str, Any], Nodes] | None:
+    """A finished clip's metadata and kernels, or None when its files are damaged (any
+    file not the bytes ``clip.json`` recorded, or unreadable)."""
     folder = clip_dir(out, cid)
     try:
         meta = json.loads((folder / "clip.json").read_bytes())
-        data = (folder / "pyramid.json").read_bytes()
-        if hashlib.sha256(data).hexdigest() != meta["pyramid_sha256"]:
-            return None
-        return meta, json.loads(data)
-    except (OSError, ValueError, KeyError, TypeError):
+        nodes = None
+        for name, want in meta["files"].items():
+            sha = hashlib.sha256()
+            with (folder / name).open("rb") as fh:
+                if name == NODES:
+                    data = fh.read()
+                    sha.update(data)
+                    nodes = Nodes.from_bytes(data)
+                else:
+                    sha = hashlib.file_digest(fh, "sha256")
+            if sha.hexdigest() != want["sha256"]:
+                return None
+        return (meta, nodes) if nodes is not None else None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
 
 
@@ -498,9 +667,13 @@ def finalize(
         if found is None:
             damaged.append(task)
             continue
-        meta, pyr = found
-        writer.writerow(summary_row(meta, pyr, options.depth))
-        aggs.add(pyr)
+        meta, nodes = found
+        try:
+            aggs.add(meta["label"], nodes)
+        except (ValueError, IndexError):  # another model's layers, or ids out of range
+            damaged.append(task)
+            continue
+        writer.writerow(summary_row(meta, nodes, options.depth))
     if damaged:
         return damaged
     write_file(out / "summary.csv", lambda p: p.write_text(text.getvalue()), overwrite=True)
@@ -633,20 +806,39 @@ def _explain_into(
     first: ClipWorker,
     progress: Callable[[int], Any] | None,
 ) -> list[ClipFailure]:
-    """Explain `todo` through `engine`, writing each clip as it comes; returns the failures."""
+    """Explain `todo` through `engine`, writing each clip as it comes; returns the failures.
+
+    Clips are written on one thread while the next are explained; at most `WRITES_AHEAD`
+    wait, so memory stays bounded. Every write is a staged folder renamed whole, and any
+    way out of here (a failure, Ctrl-C) first waits for the writes under way, so a clip
+    is either finished or absent, never half written; a write's error is raised here.
+    """
     bar = progress(len(todo)) if progress else None
     failed = []
-    for outcome in engine.results(spec, todo, first):
-        if isinstance(outcome, ClipFailure):
-            log.warning("clip %s: %s", outcome.id, outcome.message)
-            failed.append(outcome)
-        else:
-            write_clip(out, outcome)
-        if bar is not None:
-            bar.update(1)
+    pending: deque[Future[None]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfp-batch-write") as writer:
+        try:
+            for outcome in engine.results(spec, todo, first):
+                if isinstance(outcome, ClipFailure):
+                    log.warning("clip %s: %s", outcome.id, outcome.message)
+                    failed.append(outcome)
+                else:
+                    pending.append(writer.submit(write_clip, out, outcome))
+                while pending and (pending[0].done() or len(pending) > WRITES_AHEAD):
+                    pending.popleft().result()
+                if bar is not None:
+                    bar.update(1)
+            while pending:
+                pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()  # not started: the clip stays to do; started: it finishes whole
     if bar is not None and hasattr(bar, "close"):
         bar.close()
     return failed
+
+
+WRITES_AHEAD = 2
 
 
 def manifest(spec: WorkerSpec, ex: Explainer) -> dict[str, Any]:
@@ -676,14 +868,3 @@ def _check_labels(options: BatchOptions, tasks: Sequence[ClipTask], classes: int
     bad = [la for la in labels if not 0 <= la < classes]
     if bad:
         raise OptionError(f"label {bad[0]} is out of range: the model has {classes} classes")
-
-
-def iter_decoded(
-    worker: ClipWorker, tasks: Iterable[ClipTask]
-) -> Iterator[tuple[ClipTask, np.ndarray | ClipFailure]]:
-    """Decode tasks one at a time (user errors become failures)."""
-    for task in tasks:
-        try:
-            yield task, worker.decode(task)
-        except CfpError as exc:
-            yield task, ClipFailure(task.id, str(exc))

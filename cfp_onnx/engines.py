@@ -8,18 +8,16 @@ placement but not in results: every engine runs the same ``ClipWorker`` code.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cfp_onnx.batch import ClipFailure, ClipTask, ClipWorker, Outcome, WorkerSpec
+from cfp_onnx.batch import ClipFailure, ClipResult, ClipTask, ClipWorker, Outcome, WorkerSpec
 from cfp_onnx.errors import CfpError, OptionError
 
 log = logging.getLogger(__name__)
-
-_DONE = object()
 
 
 class Engine(Protocol):
@@ -32,77 +30,63 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class LocalEngine:
-    """This process: a decoder thread fills a bounded queue, the caller's thread explains.
+    """This process: a pool of decoder threads keeps `prefetch` clips ahead, in order, and
+    the caller's thread explains them.
 
-    The queue bounds memory to ``prefetch`` decoded clips whatever the dataset's size,
-    and decoding (OpenCV releases the GIL) overlaps the forward passes.
+    Memory is bounded by ``prefetch`` decoded clips whatever the dataset's size, and
+    decoding (OpenCV releases the GIL) overlaps the forward passes.
     """
 
-    prefetch: int = 4
+    prefetch: int = 8
+    decoders: int = 2
+    batch: int = 4  # clips per forward where the model's batch is dynamic (1: one at a time)
 
     def results(
         self, spec: WorkerSpec, tasks: Sequence[ClipTask], first: ClipWorker
     ) -> Iterator[Outcome]:
-        q: queue.Queue[Any] = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=_decode_into, args=(first, tasks, q, stop), daemon=True, name="cfp-decode"
+        ahead: deque[Future[Any]] = deque()
+        todo = iter(tasks)
+        batch = max(1, self.batch)
+        pool = ThreadPoolExecutor(
+            max_workers=max(1, self.decoders), thread_name_prefix="cfp-decode"
         )
-        thread.start()
+
+        def refill() -> None:
+            while len(ahead) < max(self.prefetch, batch):
+                task = next(todo, None)
+                if task is None:
+                    return
+                ahead.append(pool.submit(_decode, first, task))
+
         try:
-            while (item := q.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                task, clip = item
-                if isinstance(clip, ClipFailure):
-                    yield clip
-                    continue
-                try:
-                    yield first.explain(task, clip)
-                except CfpError as exc:
-                    yield ClipFailure(task.id, str(exc))
+            refill()
+            while ahead:
+                group: list[tuple[ClipTask, Any]] = []
+                while ahead and len(group) < batch:
+                    task, clip = ahead.popleft().result()
+                    if isinstance(clip, ClipFailure):
+                        yield clip
+                    else:
+                        group.append((task, clip))
+                refill()
+                if group:
+                    yield from first.explain_many(group)
         finally:
-            # Wait for the decoder, never leave it running: a daemon thread inside OpenCV
-            # when the interpreter exits is killed by a forced unwind through C++ frames,
-            # which aborts the process ("FATAL: exception not rethrown", exit 134) instead
-            # of the 130 an interrupt owes. It stops at its next clip boundary.
-            stop.set()
-            _drain(q)
-            thread.join()
+            # Wait for the decoders, never leave one running: a thread inside OpenCV when
+            # the interpreter exits is killed by a forced unwind through C++ frames, which
+            # aborts the process ("FATAL: exception not rethrown", exit 134) instead of
+            # the 130 an interrupt owes. Queued clips are dropped; running ones finish.
+            for f in ahead:
+                f.cancel()
+            pool.shutdown(wait=True)
 
 
-def _decode_into(
-    worker: ClipWorker, tasks: Sequence[ClipTask], q: queue.Queue[Any], stop: threading.Event
-) -> None:
+def _decode(worker: ClipWorker, task: ClipTask) -> tuple[ClipTask, Any]:
+    """One clip decoded, or its user error as a failure (a bug propagates to the caller)."""
     try:
-        for task in tasks:
-            if stop.is_set():
-                return
-            try:
-                item: Any = (task, worker.decode(task))
-            except CfpError as exc:
-                item = (task, ClipFailure(task.id, str(exc)))
-            _put(q, item, stop)
-        _put(q, _DONE, stop)
-    except BaseException as exc:  # a bug in decoding: hand it to the caller's thread
-        _put(q, exc, stop)
-
-
-def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue
-
-
-def _drain(q: queue.Queue[Any]) -> None:
-    while True:
-        try:
-            q.get_nowait()
-        except queue.Empty:
-            return
+        return task, worker.decode(task)
+    except CfpError as exc:
+        return task, ClipFailure(task.id, str(exc))
 
 
 @dataclass(frozen=True)
@@ -184,7 +168,8 @@ class _RayWorker:
         self.worker = ClipWorker(spec)
 
     def explain(self, task: ClipTask) -> Outcome:
-        return self.worker(task)
+        outcome = self.worker(task)
+        return outcome.portable() if isinstance(outcome, ClipResult) else outcome
 
 
 def _import_ray() -> Any:

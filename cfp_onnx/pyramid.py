@@ -151,7 +151,7 @@ class Pyramid:
     def n_links(self) -> int:
         if "_links" in self.__dict__:
             return len(self.link_source)
-        return sum(int(b.link_counts()[1].sum()) for b in self.blocks)
+        return sum(b.n_links for b in self.blocks)
 
     @property
     def empty(self) -> bool:
@@ -162,8 +162,8 @@ class Pyramid:
         rows = []
         out_of = np.zeros(max(self.max_depth_reached + 1, 0), np.int64)
         for b in self.blocks:  # counted from the factored steps: no flat link list
-            source, count = b.link_counts()
-            np.add.at(out_of, self.node_depth[self.node_of[source]], count)
+            if len(b.parent):  # a step expands one depth level: its parents share a depth
+                out_of[self.node_depth[self.node_of[b.parent[0]]]] += b.n_links
         for d in range(self.max_depth_reached + 1):
             at = self.node_depth == d
             rows.append((d, int(at.sum()), len(np.unique(self.node_layer[at])), int(out_of[d])))
@@ -351,6 +351,7 @@ class LinkBlock:
     indptr: Array  # the layer's input provenance
     kernels: Array
     injective: bool  # no kernel feeds two channels: (parent, child) pairs are unique
+    links: int | None = None  # counted while the step was scored (None: count by expanding)
 
     @cached_property
     def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -372,6 +373,13 @@ class LinkBlock:
     @property
     def score(self) -> np.ndarray:
         return self._kept[2]
+
+    @property
+    def n_links(self) -> int:
+        """Links out of this step (counted while scoring, when it could be)."""
+        if self.links is not None:
+            return self.links
+        return int(self.link_counts()[1].sum())
 
     def link_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(parent kernel, links) per kept pair, without expanding the links."""
@@ -560,12 +568,14 @@ def _level(
     """
     layer_of = xp.searchsorted(offsets, frontier, side="right") - 1
 
-    def one(task: tuple[int, Array]) -> tuple[Array, Callable[[], Step], LayerStep, Array]:
+    def one(
+        task: tuple[int, Array],
+    ) -> tuple[Array, Callable[[], Step], LayerStep, Array, Array]:
         layer, kids = task
         step = inp.steps(layer)
         pooled = inp.pooled(layer)
         args = (xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n)
-        return kids, partial(back_step, *args), step, column_best(*args)
+        return kids, partial(back_step, *args), step, *column_best(*args)
 
     tasks = [(la, frontier[layer_of == la]) for la in to_numpy(xp.unique(layer_of)).tolist()]
     for layer, _ in tasks:  # read weights here, one layer at a time, not in the workers
@@ -575,13 +585,15 @@ def _level(
     else:
         results = [one(task) for task in tasks]
     reached = []
-    for kids, redo, step, best in results:
+    for kids, redo, step, best, count in results:
         chans = xp.flatnonzero(best > -xp.inf)
         entry, child = expand_csr(xp, step.indptr, step.kernels, chans)
+        links = None
         if step.injective:
             incoming[child] = xp.maximum(incoming[child], best[chans][entry])
+            links = int((count * xp.diff(step.indptr)).sum())  # every kept pair x its carriers
         else:
             _scatter_max(xp, incoming, child, best[chans][entry])
         reached.append(child)
-        blocks.append(LinkBlock(xp, kids, redo, step.indptr, step.kernels, step.injective))
+        blocks.append(LinkBlock(xp, kids, redo, step.indptr, step.kernels, step.injective, links))
     return xp.unique(xp.concatenate(reached)) if reached else xp.zeros(0, dtype=xp.int64)

@@ -63,7 +63,8 @@ def _identity(graph: gs.Graph, src: gs.Variable, name: str) -> gs.Variable:
 
 
 def _pool(graph: gs.Graph, src: gs.Variable, tap: Tap, opset: int) -> gs.Variable:
-    as_double = gs.Variable(f"{tap.name}/double", dtype=np.float64)
+    axes = list(tap.pool_axes or ())
+    as_double = gs.Variable(tap.name if not axes else f"{tap.name}/double", dtype=np.float64)
     graph.nodes.append(
         gs.Node(
             "Cast",
@@ -73,8 +74,9 @@ def _pool(graph: gs.Graph, src: gs.Variable, tap: Tap, opset: int) -> gs.Variabl
             outputs=[as_double],
         )
     )
+    if not axes:  # nothing to average (a head reading [batch, features]): the cast is it
+        return as_double
     out = gs.Variable(tap.name, dtype=np.float64)
-    axes = list(tap.pool_axes or ())
     if opset >= 18:
         const = gs.Constant(f"{tap.name}/axes", np.asarray(axes, dtype=np.int64))
         node = gs.Node(

@@ -39,7 +39,7 @@ FRAMES, SIZE, CLASSES = 8, 32, 4
 NAMES = ("left", "right", "up", "down")
 
 
-def tiny_model(path: Path, seed: int = 0) -> Path:
+def tiny_model(path: Path, seed: int = 0, batch: int | str = 1) -> Path:
     """Conv(3->6) Relu MaxPool Conv(6->8, group 2) Relu Conv(8->8) Relu GAP Gemm(4)."""
     rng = np.random.default_rng(seed)
     w = {
@@ -65,8 +65,8 @@ def tiny_model(path: Path, seed: int = 0) -> Path:
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("video", TensorProto.FLOAT, [1, 3, FRAMES, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, CLASSES])],
+        [helper.make_tensor_value_info("video", TensorProto.FLOAT, [batch, 3, FRAMES, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, CLASSES])],
         [numpy_helper.from_array(v, k) for k, v in w.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -399,3 +399,197 @@ def test_faithfulness_per_clip_equals_the_single_clip_check(data: Path, tmp_path
     manifest = json.loads((out / "batch.json").read_text())
     assert manifest["faithfulness"] == 3
     assert "faithfulness" not in BatchOptions().to_dict()  # older batches resume unchanged
+
+
+# --------------------------------------------------------------------------- kernels only
+
+
+def test_nodes_mode_keeps_the_kernels_and_gives_the_same_aggregates(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
+    """--clip-pyramids nodes: no pyramid.json, each clip's nodes.npz holds exactly its
+    pyramid.json's nodes (same floats), and summary.csv and every class pyramid are
+    byte-identical to a full run's."""
+    out = tmp_path / "out"
+    run_batch(
+        spec(data, clip_pyramids="nodes"), tasks_from(data / "clips"), out, engine=LocalEngine()
+    )
+    for folder in sorted((reference / "clips").iterdir()):
+        mine = out / "clips" / folder.name
+        assert sorted(p.name for p in mine.iterdir()) == [
+            ".cfp-output.json",
+            "clip.json",
+            "nodes.npz",
+        ]
+        doc = json.loads((folder / "pyramid.json").read_text())
+        with np.load(mine / "nodes.npz") as f:
+            layers = f["layers"].tolist()
+            got = [
+                {"id": i, "layer": layers[la], "channel": ch, "depth": d, "relevance": r}
+                for i, (la, ch, d, r) in enumerate(
+                    zip(f["layer"].tolist(), f["channel"].tolist(), f["depth"].tolist(),
+                        f["relevance"].tolist())
+                )
+            ]  # fmt: skip
+        assert got == doc["nodes"]
+        meta = json.loads((mine / "clip.json").read_text())
+        assert (meta["label"], meta["score"], meta["links"]) == (
+            doc["label"], doc["score"], len(doc["links"]),
+        )  # fmt: skip
+        assert (folder / "nodes.npz").read_bytes() == (mine / "nodes.npz").read_bytes()
+    assert (out / "summary.csv").read_bytes() == (reference / "summary.csv").read_bytes()
+    assert tree(out / "classes") == tree(reference / "classes")
+    assert json.loads((out / "batch.json").read_text())["clip_pyramids"] == "nodes"
+    assert "clip_pyramids" not in BatchOptions().to_dict()  # older (full) batches resume
+
+
+def test_a_nodes_run_and_a_full_run_do_not_mix(data: Path, tmp_path: Path) -> None:
+    tasks = tasks_from(data / "clips")[:2]
+    run_batch(spec(data), tasks, tmp_path / "o", engine=LocalEngine())
+    with pytest.raises(OutputError, match="clip_pyramids"):
+        run_batch(spec(data, clip_pyramids="nodes"), tasks, tmp_path / "o", engine=LocalEngine())
+    with pytest.raises(OptionError, match="--clip-pyramids"):
+        run_batch(spec(data, clip_pyramids="links"), tasks, tmp_path / "p", engine=LocalEngine())
+
+
+def test_damaged_kernel_files_are_redone(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    tasks = tasks_from(data / "clips")[:6]
+    s = spec(data, clip_pyramids="nodes")
+    run_batch(s, tasks, out, engine=LocalEngine())
+    want = tree(out)
+    nodes = out / "clips" / "clip_2" / "nodes.npz"
+    body = bytearray(nodes.read_bytes())
+    body[len(body) // 2] ^= 0xFF  # same size, other bytes: found by hash
+    nodes.write_bytes(bytes(body))
+    (out / "clips" / "clip_4" / "nodes.npz").unlink()  # found by stat
+    again = run_batch(s, tasks, out, engine=LocalEngine())
+    assert (again.done, again.skipped) == (2, 4)
+    assert tree(out) == want
+
+
+def test_a_failed_write_stops_the_run_and_leaves_no_partial_clip(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes run on their own thread; the third one fails (a full disk, say): the run
+    raises it, every clip folder present is whole, and a re-run completes the batch."""
+    from cfp_onnx import batch
+
+    real, calls = batch.Nodes.to_bytes, []
+
+    def failing(self):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise OutputError("--out: no space left on the device")
+        return real(self)
+
+    monkeypatch.setattr(batch.Nodes, "to_bytes", failing)
+    out = tmp_path / "out"
+    tasks = tasks_from(data / "clips")[:8]
+    with pytest.raises(OutputError, match="no space"):
+        run_batch(spec(data), tasks, out, engine=LocalEngine())
+    folders = sorted(p.name for p in (out / "clips").iterdir())
+    assert all(not n.startswith(".") for n in folders)  # no staging folder left
+    assert all(batch.is_done(out, n) for n in folders) and len(folders) < len(tasks)
+    monkeypatch.setattr(batch.Nodes, "to_bytes", real)
+    again = run_batch(spec(data), tasks, out, engine=LocalEngine())
+    assert again.done + again.skipped == len(tasks) and again.skipped == len(folders)
+
+
+# --------------------------------------------------------------------------- batched forwards
+
+
+@pytest.fixture(scope="module")
+def dynamic(data: Path) -> Path:
+    """The tiny model with a dynamic batch axis (same weights)."""
+    return tiny_model(data / "tiny_dynamic.onnx", batch="N")
+
+
+def count_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes of every instrumented forward."""
+    from cfp_onnx import runtime
+
+    sizes: list[int] = []
+    real = runtime.Session.run
+
+    def run(self, clip, outputs=None):  # type: ignore[no-untyped-def]
+        sizes.append(len(clip))
+        return real(self, clip, outputs)
+
+    monkeypatch.setattr(runtime.Session, "run", run)
+    return sizes
+
+
+@pytest.mark.parametrize("mode", ["full", "nodes"])
+def test_batched_forwards_give_each_clip_its_own_pyramid(
+    data: Path, dynamic: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:  # fmt: skip
+    """Clips of a dynamic-batch model share forwards of 4 (checked once against single
+    runs), and every file equals the one-clip-at-a-time run's, byte for byte."""
+    sizes = count_runs(monkeypatch)
+    tasks = tasks_from(data / "clips")
+    opts = BatchOptions(theta=0.5, clip_pyramids=mode)
+    batched = run_batch(
+        WorkerSpec(str(dynamic), opts), tasks, tmp_path / "b", engine=LocalEngine(batch=4)
+    )
+    assert batched.done == len(tasks) and sizes.count(4) == len(tasks) // 4
+    alone = run_batch(
+        WorkerSpec(str(dynamic), opts), tasks, tmp_path / "one", engine=LocalEngine(batch=1)
+    )
+    assert alone.done == len(tasks)
+    got, want = tree(tmp_path / "b"), tree(tmp_path / "one")
+    assert got.keys() == want.keys()
+    assert {k: v for k, v in got.items() if k != "batch.json"} == {
+        k: v for k, v in want.items() if k != "batch.json"
+    }
+    if mode == "full":  # and the same pyramids as the static model's explain
+        for task in tasks:
+            rel = f"clips/{task.id}/pyramid.json"
+            assert (
+                json.loads(got[rel])["nodes"] == json.loads((reference / rel).read_bytes())["nodes"]
+            )
+
+
+def test_batching_that_changes_a_run_is_turned_off(
+    data: Path, dynamic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph whose batched results differ (faked: one logit nudged) is found on the
+    first batch; from then on clips run alone and the results are the single runs'."""
+    real = Explainer.run_many
+
+    def drifting(self, clips, *, depth=3):  # type: ignore[no-untyped-def]
+        runs = real(self, clips, depth=depth)
+        runs[1].logits[0] += 1e-9
+        return runs
+
+    monkeypatch.setattr(Explainer, "run_many", drifting)
+    tasks = tasks_from(data / "clips")[:12]
+    worker = None
+
+    class Spy(LocalEngine):
+        def results(self, spec, tasks, first):  # type: ignore[no-untyped-def]
+            nonlocal worker
+            worker = first
+            yield from super().results(spec, tasks, first)
+
+    opts = BatchOptions(theta=0.5)
+    run_batch(WorkerSpec(str(dynamic), opts), tasks, tmp_path / "b", engine=Spy(batch=4))
+    assert worker is not None and worker.batching is False
+    run_batch(WorkerSpec(str(dynamic), opts), tasks, tmp_path / "one", engine=LocalEngine(batch=1))
+    assert tree(tmp_path / "b") == tree(tmp_path / "one")
+
+
+def test_a_bad_clip_in_a_batch_fails_alone(data: Path, dynamic: Path, tmp_path: Path) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for p in sorted((data / "clips").glob("*.npy"))[:6]:
+        (clips / p.name).write_bytes(p.read_bytes())
+    np.save(clips / "clip_2.npy", np.full((1, 3, FRAMES, SIZE, SIZE), 3e38, np.float32))  # overflows
+    tasks = tasks_from(clips)
+    s = run_batch(
+        WorkerSpec(str(dynamic), BatchOptions(theta=0.5)), tasks, tmp_path / "o",
+        engine=LocalEngine(batch=4),
+    )  # fmt: skip
+    assert (s.done, [f.id for f in s.failed]) == (len(tasks) - 1, ["clip_2"]) and len(tasks) == 7
+    assert "overflow" in s.failed[0].message

@@ -45,8 +45,10 @@ def test_ray_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, data: Pat
         list(RayEngine().results(s, tasks_from(data / "clips")[:1], ClipWorker(s)))
 
 
-def test_local_queue_is_bounded(data: Path) -> None:
-    """The decoder never runs more than `prefetch` clips ahead of the explainer."""
+@pytest.mark.parametrize(("prefetch", "batch"), [(2, 1), (3, 4)])
+def test_local_queue_is_bounded(data: Path, prefetch: int, batch: int) -> None:
+    """The decoders never run more than max(`prefetch`, `batch`) clips ahead of the
+    explainer (plus the batch being explained)."""
     s = spec(data)
     worker = ClipWorker(s)
     decoded: list[str] = []
@@ -61,11 +63,11 @@ def test_local_queue_is_bounded(data: Path) -> None:
     worker.decode = decode  # type: ignore[method-assign]
     tasks = tasks_from(data / "clips")
     consumed = 0
-    for _ in LocalEngine(prefetch=2).results(s, tasks, worker):
+    for _ in LocalEngine(prefetch=prefetch, batch=batch).results(s, tasks, worker):
         consumed += 1
         with lock:
             ahead = len(decoded) - consumed
-        assert ahead <= 2 + 1  # queue + the one being put
+        assert ahead <= max(prefetch, batch) + batch
     assert consumed == len(tasks)
 
 

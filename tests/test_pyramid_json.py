@@ -141,3 +141,22 @@ def test_segments_drawn_ahead_keep_their_order_and_raise_their_errors():
     with pytest.raises(RuntimeError, match="segment broke"):
         jsonrows.write_rows(io.BytesIO(), [b"", b""], segments(3), chunk=2)
     assert not [t for t in threading.enumerate() if t.name.startswith("cfp-json")]
+
+
+@pytest.mark.parametrize("name", ["residual", "resnext", "mfnet", "shuffle", "inception"])
+@pytest.mark.parametrize("top_n", [None, 3])
+def test_links_counted_while_scoring_equal_the_expanded_list(exported, name, top_n):
+    """A step's link count, taken while it was scored (kept pairs x carriers), is the
+    number of links it expands to: grouped, depth-wise, shuffled and top-n steps included."""
+    _, path = exported(name)
+    clip = np.random.default_rng(4).standard_normal(nets.CLIP).astype(np.float32)
+    p = Explainer(path, clip_shape=clip.shape).explain(clip, theta=0.5, depth=4, top_n=top_n)
+    counted = [b.links for b in p.blocks]
+    assert any(c is not None for c in counted)
+    assert [c for c in counted if c is not None] == [
+        len(b.expand()[0]) for b in p.blocks if b.links is not None
+    ]
+    by_depth = [links for _, _, _, links in p.summary()]
+    assert p.n_links == len(p.link_source) > 0
+    want = np.bincount(p.node_depth[p.link_source], minlength=p.max_depth_reached + 1)
+    assert by_depth == want.tolist()

@@ -3,7 +3,8 @@
 --clips is a folder (every .npy, video and frame folder in it, natural name order) or a
 CSV list with a 'clip' column (paths relative to the CSV), an optional 'label' column
 (class index or name; needed by --label true) and an optional 'id' column. Writes
-OUT/clips/<clip-id>/pyramid.json (SPEC §5) and clip.json, OUT/classes/<label>/
+OUT/clips/<clip-id>/nodes.npz, pyramid.json (SPEC §5; not with --clip-pyramids nodes)
+and clip.json, OUT/classes/<label>/
 class_pyramid.json and report.html (per kernel: share of the class's clips holding it,
 mean relevance over those, smallest depth), and OUT/summary.csv. Each clip's folder
 appears whole; a re-run skips finished clips, then rebuilds the class pyramids and the
@@ -17,7 +18,14 @@ import argparse
 import sys
 from typing import Any
 
-from cfp_onnx.batch import BatchOptions, Decoding, WorkerSpec, run_batch, tasks_from
+from cfp_onnx.batch import (
+    CLIP_PYRAMIDS,
+    BatchOptions,
+    Decoding,
+    WorkerSpec,
+    run_batch,
+    tasks_from,
+)
 from cfp_onnx.cli.common import (
     _float,
     _floats,
@@ -65,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output and engine")
     o.add_argument("--out", default="cfp_batch", help="output folder (default ./cfp_batch)")
     o.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    o.add_argument(
+        "--clip-pyramids", choices=CLIP_PYRAMIDS, default="full",
+        help="per clip: its whole pyramid.json and nodes.npz (full, default), or only the "
+        "kernels, nodes.npz (nodes: a ResNet's pyramid.json is ~100 MB a clip)",
+    )  # fmt: skip
     o.add_argument("--engine", choices=ENGINES, default="local", help="where to compute")
     o.add_argument("--address", help="Ray cluster address (default: start a local one)")
     o.add_argument("--workers", type=_int("workers"), help="Ray actors (default: cluster CPUs)")
@@ -87,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     options = BatchOptions(
         depth=args.depth, theta=args.theta, top_n=args.top_n, head_mode=args.head_mode,
         label=parse_label(args.label), faithfulness=faithfulness_draws(args),
+        clip_pyramids=args.clip_pyramids,
     )  # fmt: skip
     options.check()
     if args.limit is not None and args.limit < 1:
