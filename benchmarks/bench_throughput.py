@@ -144,7 +144,9 @@ def main() -> None:
     clips = root / f"clips_{args.seconds:g}s"
     t = time.perf_counter()
     generate(clips, args.clips, args.seconds)
-    print(f"{args.clips} mp4 clips, 320x240, {args.seconds:g} s: {clips} ({time.perf_counter() - t:.0f} s)")
+    print(
+        f"{args.clips} mp4 clips, 320x240, {args.seconds:g} s: {clips} ({time.perf_counter() - t:.0f} s)"
+    )
     print(f"{'model':6} {'run':12} {'clips':>5} {'clips/s':>8} {'x plain':>8} {'peak MB':>8} "
           f"{'x plain':>8} {'out MB':>8}")  # fmt: skip
     for name in args.models.split(","):
@@ -155,7 +157,9 @@ def main() -> None:
             for _ in range(args.rounds):
                 runs["plain"].append(measure("plain", model, clips, n, root / "out"))
                 runs[mode].append(measure(mode, model, clips, n, root / "out"))
-            rate = {k: statistics.median(r["clips"] / r["seconds"] for r in v) for k, v in runs.items()}
+            rate = {
+                k: statistics.median(r["clips"] / r["seconds"] for r in v) for k, v in runs.items()
+            }
             peak = {k: max(r["peak_mb"] for r in v) for k, v in runs.items()}
             for k in ("plain", mode):
                 label = "plain loop" if k == "plain" else f"batch {k}"

@@ -585,7 +585,9 @@ def test_a_bad_clip_in_a_batch_fails_alone(data: Path, dynamic: Path, tmp_path: 
     clips.mkdir()
     for p in sorted((data / "clips").glob("*.npy"))[:6]:
         (clips / p.name).write_bytes(p.read_bytes())
-    np.save(clips / "clip_2.npy", np.full((1, 3, FRAMES, SIZE, SIZE), 3e38, np.float32))  # overflows
+    np.save(
+        clips / "clip_2.npy", np.full((1, 3, FRAMES, SIZE, SIZE), 3e38, np.float32)
+    )  # overflows
     tasks = tasks_from(clips)
     s = run_batch(
         WorkerSpec(str(dynamic), BatchOptions(theta=0.5)), tasks, tmp_path / "o",
