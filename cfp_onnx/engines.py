@@ -186,13 +186,13 @@ ENGINES = ("local", "ray")
 
 
 def make_engine(
-    name: str, *, address: str | None = None, workers: int | None = None
+    name: str, *, address: str | None = None, workers: int | None = None, batch: int = 4
 ) -> LocalEngine | RayEngine:
     """An engine by name (the CLI's ``--engine``)."""
     if name == "local":
         if address:
             raise OptionError("--address needs --engine ray")
-        return LocalEngine()
+        return LocalEngine(batch=batch)
     if name == "ray":
         _import_ray()  # not installed: say so before any clip is decoded
         return RayEngine(address=address, workers=workers)

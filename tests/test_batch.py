@@ -350,6 +350,8 @@ def test_cli_errors_are_one_line(data: Path, tmp_path: Path) -> None:
         (["--clips", str(data / "clips"), "--label", "x"], "--label 'x'"),
         (["--clips", str(data / "clips"), "--theta", "2"], "theta"),
         (["--clips", str(data / "clips"), "--address", "auto"], "--address needs --engine ray"),
+        (["--clips", str(data / "clips"), "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--clips", str(data / "clips"), "--clip-pyramids", "all"], "--clip-pyramids"),
     ]:
         r = cfp("batch", model, *args, "--out", "o", cwd=tmp_path)
         assert r.returncode == 2, r.stderr
@@ -359,6 +361,13 @@ def test_cli_errors_are_one_line(data: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "3 clips explained, 0 already done, 0 failed, of 3" in r.stdout
     assert len(list((tmp_path / "o" / "clips").iterdir())) == 3
+    r = cfp("batch", model, "--clips", str(data / "clips"), "--limit", "3", "--out", "n",
+            "--no-progress", "--clip-pyramids", "nodes", "--batch-size", "2", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not list((tmp_path / "n").glob("clips/*/pyramid.json"))
+    assert (tmp_path / "n" / "summary.csv").read_bytes() == (
+        tmp_path / "o" / "summary.csv"
+    ).read_bytes()
 
 
 def test_resume_after_the_model_changed_or_the_manifest_broke_is_refused(

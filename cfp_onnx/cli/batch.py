@@ -81,6 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--engine", choices=ENGINES, default="local", help="where to compute")
     o.add_argument("--address", help="Ray cluster address (default: start a local one)")
     o.add_argument("--workers", type=_int("workers"), help="Ray actors (default: cluster CPUs)")
+    o.add_argument(
+        "--batch-size", type=_int("batch-size"), default=4, metavar="N",
+        help="clips per forward where the model's batch axis is dynamic (local engine; "
+        "default 4, checked against single runs; 1: one at a time)",
+    )  # fmt: skip
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -105,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
     options.check()
     if args.limit is not None and args.limit < 1:
         raise OptionError(f"--limit must be >= 1 (got {args.limit})")
-    engine = make_engine(args.engine, address=args.address, workers=args.workers)
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    engine = make_engine(
+        args.engine, address=args.address, workers=args.workers, batch=args.batch_size
+    )
     tasks = tasks_from(args.clips, class_names(load_model(args.model)))[: args.limit]
     decoding = Decoding(
         layout=args.layout, frames=args.frames, size=args.size, mean=args.mean, std=args.std,
