@@ -1,0 +1,112 @@
+"""Explain against a plain forward, for the six paper models, on a real decoded video clip.
+
+For each zoo model (random weights, BatchNorm randomised, 400 classes, 16x112x112): one
+clip decoded from an mp4 of the synthetic action dataset through ``ModelInput`` (what
+``cfp explain`` does), then, interleaved (plain, explain, plain, explain...), medians of
+``--repeat`` runs, both onnxruntime CPU sessions with the same options and threads:
+
+- plain: the unmodified file, one forward;
+- explain: ``Explainer.explain`` at depth 3, theta 0.6: the instrumented forward and the
+  pyramid (what ``cfp explain --no-report`` computes before writing);
+- and its two parts: the instrumented forward alone (``Explainer.run``) and the pyramid
+  from an existing run (the back-step).
+
+    python benchmarks/bench_forward.py [--models resnet50_3d,...] [--repeat 15] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+MODELS = ("mfnet_3d", "i3d", "resnet50_3d", "resnet101_3d", "resnet152_3d", "resnext101_3d")
+DEPTH, THETA, THREADS = 3, 0.6, 2
+
+
+def real_clip(root: Path, path: Path) -> np.ndarray:
+    """The model's input decoded from a 10 s 320x240 mp4 (made once)."""
+    from bench_cli import make_video
+
+    from cfp_onnx.loading import load_model
+    from cfp_onnx.modelinput import ModelInput
+    from cfp_onnx.options import ClipOptions
+
+    video = root / "video.mp4"
+    if not video.exists():
+        make_video(video)
+    loaded = load_model(path)
+    return ModelInput.of(loaded, ClipOptions()).clip(str(video), loaded).tensor
+
+
+def model(name: str, root: Path) -> Path:
+    path = root / f"{name}_112.onnx"
+    if not path.exists():
+        from perf import export
+
+        export(name, 112, path)
+    return path
+
+
+def measure(path: Path, clip: np.ndarray, repeat: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    from cfp_onnx.api import Explainer
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = THREADS
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ex = Explainer(path, clip_shape=clip.shape, threads=THREADS)
+    name = sess.get_inputs()[0].name
+    fns = {
+        "plain": lambda: sess.run(None, {name: clip}),
+        "explain": lambda: ex.explain(clip, depth=DEPTH, theta=THETA),
+        "run": lambda: ex.run(clip, depth=DEPTH),
+    }
+    run = ex.run(clip, depth=DEPTH)
+    fns["backstep"] = lambda: ex.pyramid(run, depth=DEPTH, theta=THETA)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    out = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    out["kernels"] = float(len(ex.explain(clip, depth=DEPTH, theta=THETA).node_depth))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--keep", type=Path, help="keep exported models and the video here")
+    args = p.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="cfp-bench-forward-"))
+    root.mkdir(parents=True, exist_ok=True)
+    print("| model | kernels | plain ms | explain ms | explain / plain | instrumented run ms "
+          "| run / plain | back-step ms |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.models.split(","):
+        path = model(name, root)
+        r = measure(path, real_clip(root, path), args.repeat)
+        print(
+            f"| {name} | {r['kernels']:,.0f} | {r['plain']:.1f} | {r['explain']:.1f} "
+            f"| {r['explain'] / r['plain']:.2f}x | {r['run']:.1f} | {r['run'] / r['plain']:.2f}x "
+            f"| {r['backstep']:.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
