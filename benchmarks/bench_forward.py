@@ -11,6 +11,10 @@ clip decoded from an mp4 of the synthetic action dataset through ``ModelInput`` 
 - and its two parts: the instrumented forward alone (``Explainer.run``) and the pyramid
   from an existing run (the back-step).
 
+Each timed call starts after a 50 ms pause: onnxruntime's pool threads spin for a while
+after a run, and on a small machine a plain session still spinning would slow the explain
+timed after it (measured: +20-40 ms on these models), which is not a cost of explaining.
+
     python benchmarks/bench_forward.py [--models resnet50_3d,...] [--repeat 15] [--keep DIR]
 """
 
@@ -78,6 +82,7 @@ def measure(path: Path, clip: np.ndarray, repeat: int) -> dict[str, float]:
         fn()  # warm-up
     for _ in range(repeat):
         for k, fn in fns.items():
+            time.sleep(0.05)  # the other session's threads stop spinning: each run alone
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)

@@ -270,7 +270,7 @@ class ClipResult:
     true_label: int | None
     label: int
     score: float
-    links: int
+    links: int | None  # None: count them from `pyramid` (on the writer's thread)
     nodes: Nodes
     pyramid: Pyramid | bytes | None = None
     faithfulness_json: str | None = None
@@ -278,7 +278,8 @@ class ClipResult:
     def portable(self) -> ClipResult:
         """This result as plain data, to cross a process boundary (a Ray actor's)."""
         if isinstance(self.pyramid, Pyramid):
-            return replace(self, pyramid=self.pyramid.to_json().encode())
+            data = self.pyramid.to_json().encode()
+            return replace(self, pyramid=data, links=self.pyramid.n_links)
         return self
 
 
@@ -368,14 +369,17 @@ class ClipWorker:
 
     def _result(self, ex: Explainer, task: ClipTask, clip: np.ndarray, run: Run) -> ClipResult:
         opts = self.spec.options
-        pyr = ex.pyramid(run, opts.pyramid(opts.label_for(task)), class_names=self.names)
+        full = opts.clip_pyramids == "full"  # the links are expanded anyway to write them
+        pyr = ex.pyramid(
+            run, opts.pyramid(opts.label_for(task)), class_names=self.names, count_links=not full
+        )
         faith = None
         if opts.faithfulness:
             f = faithfulness.check(ex, clip, pyr, draws=opts.faithfulness)
             faith = json.dumps(f.to_dict()) if f is not None else None
         return ClipResult(
             task.id, task.path, int(np.argmax(run.logits)), task.label, pyr.label, pyr.score,
-            pyr.n_links, Nodes.of(pyr), pyr if opts.clip_pyramids == "full" else None, faith,
+            None if full else pyr.n_links, Nodes.of(pyr), pyr if full else None, faith,
         )  # fmt: skip
 
     def __call__(self, task: ClipTask) -> Outcome:
@@ -466,10 +470,13 @@ def write_clip(out: Path, result: ClipResult) -> None:
                 else:
                     h.write(body.encode() if isinstance(body, str) else body)
             files[name] = h.record()
+        links = result.links
+        if links is None and isinstance(result.pyramid, Pyramid):
+            links = result.pyramid.n_links  # its steps' kept pairs: cached by the writing
         meta = {
             "clip": result.id, "source": result.source, "predicted": result.predicted,
             "true_label": result.true_label, "label": result.label, "score": result.score,
-            "links": result.links, "files": files,
+            "links": links, "files": files,
         }  # fmt: skip
         (tmp / "clip.json").write_text(json.dumps(meta))
 

@@ -460,6 +460,7 @@ def build(
     logits: np.ndarray,
     label_name: str | None = None,
     union: Sequence[int] | None = None,
+    count_links: bool = False,
 ) -> Pyramid:
     """Head, then one back-step per depth level, for class `label` of a run whose
     `logits` are given.
@@ -468,6 +469,9 @@ def build(
     kernel their pyramids hold, each at its smallest depth among them, and expands a
     kernel exactly as each of them does (a back-step depends on the kernel alone), so
     every link of theirs is one of its links.
+
+    With `count_links`, each step's link count is taken while it is scored, so
+    ``n_links`` never needs the links expanded (``cfp batch --clip-pyramids nodes``).
 
     Node sets and relevances come from per-channel maxima (a kernel's relevance is the
     largest r' over the channels that carry it), so the cost grows with kernels and
@@ -490,7 +494,7 @@ def build(
     for d in range(depth - 1):
         if len(frontier) == 0:
             break
-        reached = _level(xp, inp, frontier, offsets, theta, top_n, incoming, blocks)
+        reached = _level(xp, inp, frontier, offsets, theta, top_n, incoming, blocks, count_links)
         fresh = reached[depth_of[reached] < 0]
         depth_of[fresh] = d + 1
         frontier = fresh
@@ -560,6 +564,7 @@ def _level(
     top_n: int | None,
     incoming: Array,
     blocks: list[LinkBlock],
+    count_links: bool = False,
 ) -> Array:
     """Expand every frontier kernel, one vectorised back-step per layer; return the children.
 
@@ -570,12 +575,12 @@ def _level(
 
     def one(
         task: tuple[int, Array],
-    ) -> tuple[Array, Callable[[], Step], LayerStep, Array, Array]:
+    ) -> tuple[Array, Callable[[], Step], LayerStep, Array, Array | None]:
         layer, kids = task
         step = inp.steps(layer)
         pooled = inp.pooled(layer)
         args = (xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n)
-        return kids, partial(back_step, *args), step, *column_best(*args)
+        return kids, partial(back_step, *args), step, *column_best(*args, count_links)
 
     tasks = [(la, frontier[layer_of == la]) for la in to_numpy(xp.unique(layer_of)).tolist()]
     for layer, _ in tasks:  # read weights here, one layer at a time, not in the workers
@@ -591,7 +596,8 @@ def _level(
         links = None
         if step.injective:
             incoming[child] = xp.maximum(incoming[child], best[chans][entry])
-            links = int((count * xp.diff(step.indptr)).sum())  # every kept pair x its carriers
+            if count is not None:  # every kept pair x the kernels its channel carries
+                links = int((count * xp.diff(step.indptr)).sum())
         else:
             _scatter_max(xp, incoming, child, best[chans][entry])
         reached.append(child)

@@ -85,34 +85,36 @@ class Step:
         row, m = xp.nonzero(self.keep(xp))
         return row, self.q[row] * self.per_group + m, self.score[row, m]
 
-    def column_max(self, xp: ModuleType, c_in: int) -> tuple[Array, Array]:
+    def column_max(
+        self, xp: ModuleType, c_in: int, count: bool = False
+    ) -> tuple[Array, Array | None]:
         """Per input channel, the largest kept r' over all selected kernels (-inf: none),
-        and how many kernels keep it (what the step's link count is made of).
+        and, with `count`, how many kernels keep it (what the step's link count is made of).
 
         Without top_n a kept entry is one >= theta, so the column maximum of r' is the
         largest kept value whenever it reaches theta: one reduction, no mask.
         """
-        keep = self.keep(xp)
-        if self.top_n is None:
+        keep = self.keep(xp) if (count or self.top_n is not None) else None
+        if keep is None or self.top_n is None:
             scores = self.score
         else:
             scores = xp.where(keep, self.score, -xp.inf)
-        count = xp.zeros(c_in, dtype=xp.int64)
+        kept = None
+        if keep is not None and count:
+            rows, m = xp.nonzero(keep)
+            kept = xp.bincount(self.q[rows] * self.per_group + m, minlength=c_in)
         if self.per_group == c_in:  # group 1: every kernel sees every channel
             seg = scores.max(axis=0)[None, :]
             starts = xp.zeros(1, dtype=xp.int64)
-            count += keep.sum(axis=0)
         else:
             starts = xp.flatnonzero(
                 xp.concatenate([xp.ones(1, dtype=bool), self.q[1:] != self.q[:-1]])
             )
             seg = _segment_max(xp, scores, starts)
-            rows, m = xp.nonzero(keep)
-            count += xp.bincount(self.q[rows] * self.per_group + m, minlength=c_in)
         out = xp.full(c_in, -xp.inf)
         cols = self.q[starts][:, None] * self.per_group + xp.arange(self.per_group)[None, :]
         out[cols] = xp.where(seg >= self.theta, seg, -xp.inf)
-        return out, count
+        return out, kept
 
 
 def _segment_max(xp: ModuleType, scores: Array, starts: Array) -> Array:
@@ -176,25 +178,28 @@ def column_best(
     a: Array,
     theta: float,
     top_n: int | None,
-) -> tuple[Array, Array]:
+    count: bool = False,
+) -> tuple[Array, Array | None]:
     """``back_step(...).column_max(...)`` without holding the whole score matrix.
 
     All a pyramid's node set and relevances need of a step is, per input channel, the
-    largest kept r' (and, for its link count, how many kernels keep it). For ungrouped
+    largest kept r' (with `count`, also how many kernels keep it: the step's link count
+    without expanding its links; a pass that costs ~20% of the step). For ungrouped
     layers without top_n the rows are scored a block at a time, so the arithmetic runs in
     cache instead of streaming a matrix of millions of float64 through memory several
     times; the values are the same, element by element.
     """
     if group != 1 or top_n is not None:
-        return back_step(xp, kbar, group, js, a, theta, top_n).column_max(xp, len(a))
+        return back_step(xp, kbar, group, js, a, theta, top_n).column_max(xp, len(a), count)
     best = xp.full(len(a), -xp.inf)
-    count = xp.zeros(len(a), dtype=xp.int64)
+    kept = xp.zeros(len(a), dtype=xp.int64) if count else None
     rows = max(1, BLOCK // kbar.shape[1])
     for start in range(0, len(js), rows):
         r = scores(xp, kbar, 1, js[start : start + rows], a)
         xp.maximum(best, r.max(axis=0), out=best)
-        count += (r >= theta).sum(axis=0)
-    return xp.where(best >= theta, best, -xp.inf), count
+        if kept is not None:
+            kept += (r >= theta).sum(axis=0)
+    return xp.where(best >= theta, best, -xp.inf), kept
 
 
 def to_host(a: Array) -> Any:

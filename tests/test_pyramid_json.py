@@ -150,7 +150,10 @@ def test_links_counted_while_scoring_equal_the_expanded_list(exported, name, top
     number of links it expands to: grouped, depth-wise, shuffled and top-n steps included."""
     _, path = exported(name)
     clip = np.random.default_rng(4).standard_normal(nets.CLIP).astype(np.float32)
-    p = Explainer(path, clip_shape=clip.shape).explain(clip, theta=0.5, depth=4, top_n=top_n)
+    ex = Explainer(path, clip_shape=clip.shape)
+    run = ex.run(clip, depth=4)
+    assert all(b.links is None for b in ex.pyramid(run, theta=0.5, depth=4, top_n=top_n).blocks)
+    p = ex.pyramid(run, theta=0.5, depth=4, top_n=top_n, count_links=True)
     counted = [b.links for b in p.blocks]
     assert any(c is not None for c in counted)
     assert [c for c in counted if c is not None] == [
