@@ -269,7 +269,7 @@ class Explainer:
             raise ModelError(f"a batch of {len(arrs)} clips gives outputs of another batch")
         return [self._run_of(out, taps, depth, (), i) for i in range(len(arrs))]
 
-    @property
+    @cached_property
     def batchable(self) -> bool:
         """Whether the model declares a dynamic batch axis (clips can share a forward)."""
         return not isinstance(declared_shape(graph_input(self.loaded.proto))[0], int)

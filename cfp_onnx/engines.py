@@ -186,7 +186,11 @@ ENGINES = ("local", "ray")
 
 
 def make_engine(
-    name: str, *, address: str | None = None, workers: int | None = None, batch: int = 4
+    name: str,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    batch: int = LocalEngine.batch,
 ) -> LocalEngine | RayEngine:
     """An engine by name (the CLI's ``--engine``)."""
     if name == "local":

@@ -95,7 +95,7 @@ class Step:
         largest kept value whenever it reaches theta: one reduction, no mask.
         """
         keep = self.keep(xp) if (count or self.top_n is not None) else None
-        if keep is None or self.top_n is None:
+        if self.top_n is None:
             scores = self.score
         else:
             scores = xp.where(keep, self.score, -xp.inf)

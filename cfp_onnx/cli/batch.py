@@ -35,7 +35,7 @@ from cfp_onnx.cli.common import (
     faithfulness_draws,
 )
 from cfp_onnx.cli.explain import quiet_decoders
-from cfp_onnx.engines import ENGINES, make_engine
+from cfp_onnx.engines import ENGINES, LocalEngine, make_engine
 from cfp_onnx.errors import OptionError
 from cfp_onnx.loading import load_model
 from cfp_onnx.modelinfo import class_names
@@ -82,9 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--address", help="Ray cluster address (default: start a local one)")
     o.add_argument("--workers", type=_int("workers"), help="Ray actors (default: cluster CPUs)")
     o.add_argument(
-        "--batch-size", type=_int("batch-size"), default=4, metavar="N",
+        "--batch-size", type=_int("batch-size"), default=LocalEngine.batch, metavar="N",
         help="clips per forward where the model's batch axis is dynamic (local engine; "
-        "default 4, checked against single runs; 1: one at a time)",
+        f"default {LocalEngine.batch}, checked against single runs; 1: one at a time)",
     )  # fmt: skip
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
