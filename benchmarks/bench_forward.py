@@ -9,13 +9,17 @@ clip decoded from an mp4 of the synthetic action dataset through ``ModelInput`` 
 - explain: ``Explainer.explain`` at depth 3, theta 0.6: the instrumented forward and the
   pyramid (what ``cfp explain --no-report`` computes before writing);
 - and its two parts: the instrumented forward alone (``Explainer.run``) and the pyramid
-  from an existing run (the back-step).
+  from an existing run (the back-step);
+- with ``--embedded``, also the back-step run inside the graph: the forward of the model
+  ``cfp embed`` writes (float64, the same options), its session's build time, and whether
+  its kernel sets and depths equal the host's (the direction for issue 16's 1.15x).
 
 Each timed call starts after a 50 ms pause: onnxruntime's pool threads spin for a while
 after a run, and on a small machine a plain session still spinning would slow the explain
 timed after it (measured: +20-40 ms on these models), which is not a cost of explaining.
 
     python benchmarks/bench_forward.py [--models resnet50_3d,...] [--repeat 15] [--keep DIR]
+                                       [--embedded]
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def model(name: str, root: Path) -> Path:
     return path
 
 
-def measure(path: Path, clip: np.ndarray, repeat: int) -> dict[str, float]:
+def measure(path: Path, clip: np.ndarray, repeat: int, embedded: bool) -> dict[str, float]:
     import onnxruntime as ort
 
     from cfp_onnx.api import Explainer
@@ -77,6 +81,22 @@ def measure(path: Path, clip: np.ndarray, repeat: int) -> dict[str, float]:
     }
     run = ex.run(clip, depth=DEPTH)
     fns["backstep"] = lambda: ex.pyramid(run, depth=DEPTH, theta=THETA)
+    extra: dict[str, float] = {}
+    if embedded:
+        from bench_embed import check
+
+        from cfp_onnx.embed import embed
+        from cfp_onnx.options import PyramidOptions
+
+        blob = embed(ex, PyramidOptions(depth=DEPTH, theta=THETA))[0].SerializeToString()
+        t = time.perf_counter()
+        emb = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+        extra["build_s"] = time.perf_counter() - t
+        names = [o.name for o in emb.get_outputs()]
+        got = dict(zip(names, emb.run(None, {name: clip}), strict=True))
+        same, worst = check(ex, got, clip, THETA)
+        extra["same"], extra["worst"] = float(same), worst
+        fns["embedded"] = lambda: emb.run(None, {name: clip})
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up
@@ -88,7 +108,7 @@ def measure(path: Path, clip: np.ndarray, repeat: int) -> dict[str, float]:
             times[k].append(time.perf_counter() - t)
     out = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     out["kernels"] = float(len(ex.explain(clip, depth=DEPTH, theta=THETA).node_depth))
-    return out
+    return {**out, **extra}
 
 
 def main() -> None:
@@ -96,21 +116,32 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--keep", type=Path, help="keep exported models and the video here")
+    p.add_argument("--embedded", action="store_true", help="also time the in-graph back-step")
     args = p.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="cfp-bench-forward-"))
     root.mkdir(parents=True, exist_ok=True)
-    print("| model | kernels | plain ms | explain ms | explain / plain | instrumented run ms "
-          "| run / plain | back-step ms |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = "| model | kernels | plain ms | explain ms | explain / plain | instrumented run ms "
+    head += "| run / plain | back-step ms |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if args.embedded:
+        head += " embedded ms | embedded / plain | same | max \\|dr\\| | its session s |"
+        rule += "---:|---:|---|---:|---:|"
+    print(head)
+    print(rule)
     for name in args.models.split(","):
         path = model(name, root)
-        r = measure(path, real_clip(root, path), args.repeat)
-        print(
+        r = measure(path, real_clip(root, path), args.repeat, args.embedded)
+        row = (
             f"| {name} | {r['kernels']:,.0f} | {r['plain']:.1f} | {r['explain']:.1f} "
             f"| {r['explain'] / r['plain']:.2f}x | {r['run']:.1f} | {r['run'] / r['plain']:.2f}x "
-            f"| {r['backstep']:.1f} |",
-            flush=True,
+            f"| {r['backstep']:.1f} |"
         )
+        if args.embedded:
+            row += (
+                f" {r['embedded']:.1f} | {r['embedded'] / r['plain']:.2f}x "
+                f"| {'yes' if r['same'] else 'NO'} | {r['worst']:.1g} | {r['build_s']:.1f} |"
+            )
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
