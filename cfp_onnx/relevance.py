@@ -100,7 +100,7 @@ class Step:
         else:
             scores = xp.where(keep, self.score, -xp.inf)
         kept = None
-        if keep is not None and count:
+        if count:
             rows, m = xp.nonzero(keep)
             kept = xp.bincount(self.q[rows] * self.per_group + m, minlength=c_in)
         if self.per_group == c_in:  # group 1: every kernel sees every channel
