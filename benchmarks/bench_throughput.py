@@ -2,8 +2,10 @@
 
 The plain loop is what a user runs without cfp: decode each clip (the same ``ModelInput``
 decoding cfp uses: OpenCV, sampling, resize, normalisation) and run one onnxruntime
-forward (default session options, as cfp's). ``cfp batch`` is ``run_batch`` with the local
-engine, depth 3, theta 0.6, writing its whole output folder. Each measurement is a fresh
+forward (default session options, as cfp's). ``cfp batch`` is the command's ``main`` in the
+child (options parsed and the process set up as the ``cfp`` script does: its BLAS
+environment, one malloc arena), the local engine, depth 3, theta 0.6, writing its whole
+output folder. Each measurement is a fresh
 subprocess; plain and batch alternate (``--rounds``) and the medians are compared, so both
 see the same machine. Peak memory is the process's VmHWM.
 
@@ -73,15 +75,18 @@ def plain(model: str, paths: list[Path]) -> dict[str, float]:
 
 
 def batch(model: str, clip_dir: Path, n: int, out: Path, clip_pyramids: str) -> dict[str, float]:
-    from cfp_onnx.batch import BatchOptions, WorkerSpec, run_batch, tasks_from
-    from cfp_onnx.engines import LocalEngine
+    """`cfp batch` itself (its parsing, process setup and engine), in this process."""
+    from cfp_onnx.cli.main import main
 
-    options = BatchOptions(depth=DEPTH, theta=THETA, clip_pyramids=clip_pyramids)
-    tasks = tasks_from(clip_dir)[:n]
+    args = [
+        "batch", model, "--clips", str(clip_dir), "--limit", str(n), "--out", str(out),
+        "--depth", str(DEPTH), "--theta", str(THETA), "--clip-pyramids", clip_pyramids,
+        "--no-progress",
+    ]  # fmt: skip
     start = time.perf_counter()
-    summary = run_batch(WorkerSpec(model, options), tasks, out, engine=LocalEngine())
+    code = main(args)
     seconds = time.perf_counter() - start
-    assert summary.done == n and not summary.failed, summary
+    assert code == 0 and len(list((out / "clips").iterdir())) == n, code
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"seconds": seconds, "clips": n, "out_mb": size / 2**20}
 
@@ -102,8 +107,11 @@ def measure(what: str, model: Path, clip_dir: Path, n: int, out: Path) -> dict[s
         sys.executable, __file__, "--child", what, "--model", str(model), "--clip-dir",
         str(clip_dir), "--limit", str(n), "--out", str(out),
     ]  # fmt: skip
+    from cfp_onnx.cli.main import BLAS_ENV
+
+    env = os.environ if what == "plain" else {**BLAS_ENV, **os.environ}
     os.sync()
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 

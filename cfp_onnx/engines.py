@@ -37,16 +37,25 @@ class LocalEngine:
     decoding (OpenCV releases the GIL) overlaps the forward passes.
     """
 
-    prefetch: int = 8
+    prefetch: int = 4  # two per decoder: the same throughput as 8 (measured), half the clips held
     decoders: int = 2
-    batch: int = 4  # clips per forward where the model's batch is dynamic (1: one at a time)
+    batch: int | None = None  # clips per forward where the batch is dynamic; None: batch_for
+
+    def batch_for(self, device: str) -> int:
+        """Clips per forward: `batch`, else 4 on a GPU and 1 on the CPU.
+
+        On the CPU a batch of 4 bought no throughput (the demo model: 35.1 against 35.2
+        clips/s) and held 4 clips' activations (+70 MB, 1.8x a plain loop's peak), since
+        onnxruntime already spreads one clip's convolutions over every core.
+        """
+        return max(1, self.batch) if self.batch is not None else (4 if device == "cuda" else 1)
 
     def results(
         self, spec: WorkerSpec, tasks: Sequence[ClipTask], first: ClipWorker
     ) -> Iterator[Outcome]:
         ahead: deque[Future[Any]] = deque()
         todo = iter(tasks)
-        batch = max(1, self.batch)
+        batch = self.batch_for(spec.device)
         pool = ThreadPoolExecutor(
             max_workers=max(1, self.decoders), thread_name_prefix="cfp-decode"
         )
@@ -190,7 +199,7 @@ def make_engine(
     *,
     address: str | None = None,
     workers: int | None = None,
-    batch: int = LocalEngine.batch,
+    batch: int | None = None,
 ) -> LocalEngine | RayEngine:
     """An engine by name (the CLI's ``--engine``)."""
     if name == "local":

@@ -99,6 +99,10 @@ class Session:
         # Idle onnxruntime threads sleep instead of spinning: the back-step that follows a run
         # needs the same cores.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No memory pattern: with it every run after the first plans one block for all
+        # activations while the arena still holds the first run's, +24 MB resident on a
+        # ResNet-50-3D at no measured speed gain (benchmarks/README.md, Throughput).
+        opts.enable_mem_pattern = False
         if self._threads:
             opts.intra_op_num_threads = self._threads
         return opts

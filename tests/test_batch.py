@@ -604,3 +604,57 @@ def test_a_bad_clip_in_a_batch_fails_alone(data: Path, dynamic: Path, tmp_path: 
     )  # fmt: skip
     assert (s.done, [f.id for f in s.failed]) == (len(tasks) - 1, ["clip_2"]) and len(tasks) == 7
     assert "overflow" in s.failed[0].message
+
+
+def test_the_default_batch_is_one_clip_on_the_cpu_and_four_on_a_gpu(
+    data: Path, dynamic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU a batch buys no throughput and holds its clips' activations: by default
+    every forward there is one clip's, even where the model's batch axis is dynamic."""
+    assert (LocalEngine().batch_for("cpu"), LocalEngine().batch_for("cuda")) == (1, 4)
+    assert LocalEngine(batch=3).batch_for("cpu") == LocalEngine(batch=3).batch_for("cuda") == 3
+    sizes = count_runs(monkeypatch)
+    tasks = tasks_from(data / "clips")[:6]
+    s = run_batch(WorkerSpec(str(dynamic), BatchOptions(theta=0.5)), tasks, tmp_path / "o",
+                  engine=LocalEngine())  # fmt: skip
+    assert s.done == len(tasks) and sizes and set(sizes) == {1}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's arenas")
+@pytest.mark.parametrize("user", [None, "3"])
+def test_cfp_batch_makes_its_threads_share_one_malloc_arena(
+    user: str | None, tmp_path: Path
+) -> None:
+    """Threads that allocate get glibc heaps of their own, which keep what they freed; in
+    `cfp batch` they share one (never over the user's MALLOC_ARENA_MAX). glibc's
+    malloc_stats names every arena."""
+    code = (
+        "import ctypes, sys, threading\n"
+        "from cfp_onnx.cli.batch import one_malloc_arena\n"
+        "print(one_malloc_arena())\n"
+        "def work(): keep = [bytearray(2000) for _ in range(2000)]\n"
+        "threads = [threading.Thread(target=work) for _ in range(4)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "ctypes.CDLL(None).malloc_stats()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if user:
+        env["MALLOC_ARENA_MAX"] = user
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    arenas = sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+    assert (out.stdout.split(), arenas > 1) == ((["False"], True) if user else (["True"], False))
+
+
+def test_cfp_batch_asks_for_one_arena_before_it_starts(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cfp_onnx.cli import batch as cli_batch
+    from cfp_onnx.cli.main import main
+
+    calls: list[int] = []
+    monkeypatch.setattr(cli_batch, "one_malloc_arena", lambda: calls.append(len(calls)))
+    args = ["batch", str(data / "tiny.onnx"), "--clips", str(data / "clips"), "--limit", "2"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert calls == [0]
