@@ -7,6 +7,7 @@ placement but not in results: every engine runs the same ``ClipWorker`` code.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,17 @@ class Engine(Protocol):
     ) -> Iterator[Outcome]: ...
 
 
+def batch_for(batch: int | None, device: str) -> int:
+    """Clips per forward where the model's batch is dynamic: `batch`, else 4 on a GPU and
+    1 on the CPU.
+
+    On the CPU a batch of 4 bought no throughput (the demo model: 35.1 against 35.2
+    clips/s) and held 4 clips' activations (+70 MB, 1.8x a plain loop's peak), since
+    onnxruntime already spreads one clip's convolutions over every core.
+    """
+    return max(1, batch) if batch is not None else (4 if device == "cuda" else 1)
+
+
 @dataclass(frozen=True)
 class LocalEngine:
     """This process: a pool of decoder threads keeps `prefetch` clips ahead, in order, and
@@ -42,13 +54,7 @@ class LocalEngine:
     batch: int | None = None  # clips per forward where the batch is dynamic; None: batch_for
 
     def batch_for(self, device: str) -> int:
-        """Clips per forward: `batch`, else 4 on a GPU and 1 on the CPU.
-
-        On the CPU a batch of 4 bought no throughput (the demo model: 35.1 against 35.2
-        clips/s) and held 4 clips' activations (+70 MB, 1.8x a plain loop's peak), since
-        onnxruntime already spreads one clip's convolutions over every core.
-        """
-        return max(1, self.batch) if self.batch is not None else (4 if device == "cuda" else 1)
+        return batch_for(self.batch, device)
 
     def results(
         self, spec: WorkerSpec, tasks: Sequence[ClipTask], first: ClipWorker
@@ -103,19 +109,23 @@ class RayEngine:
     """A Ray cluster: one actor per worker, each with its own Explainer, clips by path.
 
     Clips are decoded on the workers, so their paths must be readable there (a shared
-    file system on a real cluster). At most ``in_flight`` clips per actor are pending:
-    results stream back and memory stays flat on the driver.
+    file system on a real cluster). An actor takes `batch` clips a call and explains them
+    as the local engine does (one batched forward where the model's batch is dynamic,
+    checked against single runs on its first batch). At most ``in_flight`` calls per actor
+    are pending: results stream back and memory stays flat on the driver.
 
     Args:
         address: an existing cluster (``ray://...`` or ``auto``); None starts a local one.
         workers: actors to start (default: the cluster's CPUs).
-        in_flight: pending clips per actor.
+        in_flight: pending calls per actor.
+        batch: clips per call (None: `batch_for` the spec's device).
     """
 
     address: str | None = None
     workers: int | None = None
     in_flight: int = 2
     num_cpus: int | None = None  # for a local cluster only
+    batch: int | None = None
 
     def results(
         self, spec: WorkerSpec, tasks: Sequence[ClipTask], first: ClipWorker
@@ -154,20 +164,21 @@ class RayEngine:
         actors = [actor_cls.remote(spec) for _ in range(min(n, len(tasks)))]
         pending: dict[Any, Any] = {}
         todo = iter(tasks)
+        batch = batch_for(self.batch, spec.device)
         for actor in actors:
             for _ in range(self.in_flight):
-                _submit(pending, actor, todo)
+                _submit(pending, actor, todo, batch)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(ready[0])
-            yield ray.get(ready[0])
-            _submit(pending, actor, todo)
+            yield from ray.get(ready[0])
+            _submit(pending, actor, todo, batch)
 
 
-def _submit(pending: dict[Any, Any], actor: Any, todo: Iterator[ClipTask]) -> None:
-    task = next(todo, None)
-    if task is not None:
-        pending[actor.explain.remote(task)] = actor
+def _submit(pending: dict[Any, Any], actor: Any, todo: Iterator[ClipTask], batch: int) -> None:
+    group = list(itertools.islice(todo, batch))
+    if group:
+        pending[actor.explain.remote(group)] = actor
 
 
 class _RayWorker:
@@ -176,9 +187,18 @@ class _RayWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.worker = ClipWorker(spec)
 
-    def explain(self, task: ClipTask) -> Outcome:
-        outcome = self.worker(task)
-        return outcome.portable() if isinstance(outcome, ClipResult) else outcome
+    def explain(self, tasks: list[ClipTask]) -> list[Outcome]:
+        """Outcomes of `tasks`, in order: decoded here, then explained as one batch."""
+        out: list[Outcome] = []
+        group: list[tuple[ClipTask, Any]] = []
+        for task, clip in (_decode(self.worker, t) for t in tasks):
+            if isinstance(clip, ClipFailure):
+                out.append(clip)
+            else:
+                group.append((task, clip))
+        if group:
+            out += self.worker.explain_many(group)
+        return [o.portable() if isinstance(o, ClipResult) else o for o in out]
 
 
 def _import_ray() -> Any:
@@ -208,5 +228,5 @@ def make_engine(
         return LocalEngine(batch=batch)
     if name == "ray":
         _import_ray()  # not installed: say so before any clip is decoded
-        return RayEngine(address=address, workers=workers)
+        return RayEngine(address=address, workers=workers, batch=batch)
     raise OptionError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import builtins
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from cfp_onnx.batch import ClipFailure, ClipTask, ClipWorker, run_batch, tasks_from
+from cfp_onnx.batch import ClipFailure, ClipResult, ClipTask, ClipWorker, run_batch, tasks_from
 from cfp_onnx.engines import LocalEngine, RayEngine, make_engine
 from cfp_onnx.errors import OptionError
 from tests.test_batch import make_clips, spec, tiny_model, tree
@@ -106,3 +107,41 @@ def test_ray_resumes_a_local_run(data: Path, tmp_path: Path, ray_local) -> None:
     assert (s.done, s.skipped) == (len(tasks) - 7, 7)
     run_batch(spec(data), tasks, tmp_path / "local", engine=LocalEngine())
     assert tree(tmp_path / "mixed") == tree(tmp_path / "local")
+
+
+def test_a_ray_actor_explains_its_clips_as_one_batch(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The actor's own code, in this process: decode failures stay the clip's, the rest
+    share one forward (dynamic batch), and every outcome equals the clip's alone."""
+    from cfp_onnx.engines import _RayWorker
+    from tests.test_batch import count_runs
+
+    dynamic = tiny_model(tmp_path / "dynamic.onnx", seed=3, batch="N")
+    s = replace(spec(data), model=str(dynamic))
+    tasks = tasks_from(data / "clips")[:4]
+    group = [tasks[0], ClipTask("bad", str(tmp_path / "missing.npy")), *tasks[1:]]
+    sizes = count_runs(monkeypatch)
+    actor = _RayWorker(s)
+    first = actor.explain(group)  # the first batch is also run clip by clip (the check)
+    again = actor.explain(group)
+    assert sizes == [4, 1, 1, 1, 1, 4]
+    alone = ClipWorker(s)
+    for got in (first, again):
+        assert [o.id for o in got] == ["bad", *(t.id for t in tasks)]
+        assert isinstance(got[0], ClipFailure) and "no such file" in got[0].message
+        for o, t in zip(got[1:], tasks):
+            want = alone(t)
+            assert isinstance(o, ClipResult) and isinstance(want, ClipResult)
+            want = want.portable()
+            assert (o.nodes.to_bytes(), o.pyramid) == (want.nodes.to_bytes(), want.pyramid)
+
+
+def test_ray_batches_equal_local_clips_alone(data: Path, tmp_path: Path, ray_local) -> None:  # type: ignore[no-untyped-def]
+    dynamic = tiny_model(tmp_path / "dynamic.onnx", seed=3, batch="N")
+    s = replace(spec(data), model=str(dynamic))
+    tasks = [*tasks_from(data / "clips"), ClipTask("bad", str(tmp_path / "missing.npy"))]
+    local = run_batch(s, tasks, tmp_path / "local", engine=LocalEngine(batch=1))
+    remote = run_batch(s, tasks, tmp_path / "ray", engine=RayEngine(workers=2, batch=3))
+    assert remote.done == local.done == len(tasks) - 1 and [f.id for f in remote.failed] == ["bad"]
+    assert tree(tmp_path / "ray") == tree(tmp_path / "local")

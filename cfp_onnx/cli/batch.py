@@ -85,8 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--workers", type=_int("workers"), help="Ray actors (default: cluster CPUs)")
     o.add_argument(
         "--batch-size", type=_int("batch-size"), metavar="N",
-        help="clips per forward where the model's batch axis is dynamic (local engine; "
-        "default 1 on the CPU, 4 with --device cuda; checked against single runs)",
+        help="clips per forward where the model's batch axis is dynamic (default 1 on the "
+        "CPU, 4 with --device cuda; checked against single runs; with Ray, per actor call)",
     )  # fmt: skip
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
