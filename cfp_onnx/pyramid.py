@@ -24,11 +24,10 @@ import numpy as np
 from cfp_onnx import jsonrows
 from cfp_onnx.relevance import (
     Array,
-    Step,
-    back_step,
     column_best,
     expand_csr,
     head_scores,
+    kept_pairs,
     max_per_key,
     max_per_pair,
     select,
@@ -341,13 +340,14 @@ class LinkBlock:
     """The links out of one layer's back-step, factored: parent ``parent[row]`` keeps input
     ``channel`` with ``score``; its children are the kernels that channel carries.
 
-    The dense score matrix is not kept (tens of MB on a ResNet-50): the step is recomputed,
-    identically, the first time its links or kept channels are asked for.
+    The dense score matrix is not kept (tens of MB on a ResNet-50): the kept pairs are
+    recomputed, identically and a block of rows at a time, the first time its links or
+    kept channels are asked for.
     """
 
     xp: ModuleType
     parents: Array  # kernel ids of the step's rows
-    step: Callable[[], Step]
+    pairs: Callable[[], tuple[Array, Array, Array]]  # relevance.kept_pairs of the step
     indptr: Array  # the layer's input provenance
     kernels: Array
     injective: bool  # no kernel feeds two channels: (parent, child) pairs are unique
@@ -355,7 +355,7 @@ class LinkBlock:
 
     @cached_property
     def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        row, channel, score = self.step().kept(self.xp)
+        row, channel, score = self.pairs()
         return to_numpy(row), to_numpy(channel), to_numpy(score)
 
     @property
@@ -575,12 +575,12 @@ def _level(
 
     def one(
         task: tuple[int, Array],
-    ) -> tuple[Array, Callable[[], Step], LayerStep, Array, Array | None]:
+    ) -> tuple[Array, Callable[[], tuple[Array, Array, Array]], LayerStep, Array, Array | None]:
         layer, kids = task
         step = inp.steps(layer)
         pooled = inp.pooled(layer)
         args = (xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n)
-        return kids, partial(back_step, *args), step, *column_best(*args, count_links)
+        return kids, partial(kept_pairs, *args), step, *column_best(*args, count_links)
 
     tasks = [(la, frontier[layer_of == la]) for la in to_numpy(xp.unique(layer_of)).tolist()]
     for layer, _ in tasks:  # read weights here, one layer at a time, not in the workers

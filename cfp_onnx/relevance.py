@@ -202,6 +202,36 @@ def column_best(
     return xp.where(best >= theta, best, -xp.inf), kept
 
 
+def kept_pairs(
+    xp: ModuleType,
+    kbar: Array,
+    group: int,
+    js: Array,
+    a: Array,
+    theta: float,
+    top_n: int | None,
+) -> tuple[Array, Array, Array]:
+    """``back_step(...).kept(xp)``, its rows scored a block at a time: (row, input
+    channel, r') of every kept pair, rows ascending, channels ascending within a row.
+
+    A step's dense score matrix is rows x inputs in float64 (a ResNet-50-3D's head step:
+    843 x 2048, 14 MB, and its mask beside it); scoring and selecting are row by row, so
+    blocks of rows give the same pairs, element by element, holding one block at a time.
+    """
+    c_out, per_group = kbar.shape
+    q = js // (c_out // group)
+    step = max(1, BLOCK // per_group)
+    parts = []
+    for start in range(0, len(js), step):
+        r = scores(xp, kbar, group, js[start : start + step], a)
+        row, m = xp.nonzero(select(xp, r, theta, top_n))
+        parts.append((row + start, q[row + start] * per_group + m, r[row, m]))
+    if not parts:
+        return xp.zeros(0, xp.int64), xp.zeros(0, xp.int64), xp.zeros(0)
+    row, channel, score = (xp.concatenate(x) for x in zip(*parts))
+    return row, channel, score
+
+
 def to_host(a: Array) -> Any:
     get = getattr(a, "get", None)
     return get() if callable(get) else a

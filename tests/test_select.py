@@ -1,11 +1,12 @@
-"""Channel selection (SPEC §3, §4): the partition-based top-n equals a stable sort's."""
+"""Channel selection (SPEC §3, §4): the partition-based top-n equals a stable sort's, and a
+step's kept pairs scored a block of rows at a time equal the whole matrix's."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cfp_onnx.relevance import select
+from cfp_onnx.relevance import back_step, kept_pairs, select
 
 
 def sorted_select(scores: np.ndarray, theta: float, top_n: int | None) -> np.ndarray:
@@ -32,3 +33,28 @@ def test_top_n_keeps_the_largest_and_breaks_ties_by_lower_index(top_n, theta):
     np.testing.assert_array_equal(got, want)
     if top_n is not None:
         assert (got.sum(axis=1) <= top_n).all()
+
+
+@pytest.mark.parametrize(
+    ("group", "c_out", "per_group", "rows", "top_n"),
+    [
+        (1, 64, 2048, 60, None),  # 32 rows a block: two blocks
+        (1, 64, 512, 64, 5),
+        (4, 64, 16, 30, None),  # grouped: each row reads its group's inputs
+        (64, 64, 1, 64, None),  # depth-wise: one input, a flat row, every r' 1
+        (2, 3000, 40, 2900, 3),  # 1638 rows a block: two blocks, uneven
+    ],
+)
+def test_kept_pairs_by_blocks_equal_the_whole_score_matrix(
+    group: int, c_out: int, per_group: int, rows: int, top_n: int | None
+) -> None:
+    rng = np.random.default_rng(group * 1000 + rows)
+    kbar = rng.normal(size=(c_out, per_group))
+    kbar[3] = 0.5  # a constant row normalises to ones (SPEC §3)
+    js = np.sort(rng.choice(c_out, size=rows, replace=False))
+    a = rng.random(per_group * group)
+    want = back_step(np, kbar, group, js, a, 0.6, top_n).kept(np)
+    got = kept_pairs(np, kbar, group, js, a, 0.6, top_n)
+    assert len(want[0]) >= rows  # every row keeps one pair at least (its largest r' is 1)
+    for w, g in zip(want, got, strict=True):
+        assert w.dtype == g.dtype and np.array_equal(w, g)
