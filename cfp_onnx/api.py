@@ -91,6 +91,7 @@ class Explainer:
         self.layer_index = {layer.node: i for i, layer in enumerate(self.layers)}
         self.provenance: Provenance = trace(self.graph, self.layers, self.head)
         self._csr: dict[int, Csr] = {}
+        self._levels: dict[int, tuple[np.ndarray, ...]] = {}
         self._steps: dict[int, LayerStep] = {}
         self._means: dict[int, Future[np.ndarray]] = {}  # tap means read ahead (prefetch)
         self._sessions: dict[tuple[str, ...], Session] = {}
@@ -137,17 +138,22 @@ class Explainer:
         return self._csr[layer]
 
     def levels(self, depth: int) -> list[np.ndarray]:
-        """Layers each depth can reach, structurally (before any clip is seen)."""
-        offsets = self.provenance.offsets
-        level = self.head_csr.layers_reached(offsets)
-        out = [level]
-        for _ in range(depth - 1):
-            if len(level) == 0:  # the graph ran out of convs: deeper levels are empty too
-                break
-            nxt = [self.input_csr(int(i)).layers_reached(offsets) for i in level]
-            level = np.unique(np.concatenate(nxt)) if nxt else np.zeros(0, dtype=np.int64)
-            out.append(level)
-        return out
+        """Layers each depth can reach, structurally (before any clip is seen): computed
+        once per depth (every run asks), the arrays read-only."""
+        if depth not in self._levels:
+            offsets = self.provenance.offsets
+            level = self.head_csr.layers_reached(offsets)
+            out = [level]
+            for _ in range(depth - 1):
+                if len(level) == 0:  # the graph ran out of convs: deeper levels are empty too
+                    break
+                nxt = [self.input_csr(int(i)).layers_reached(offsets) for i in level]
+                level = np.unique(np.concatenate(nxt)) if nxt else np.zeros(0, dtype=np.int64)
+                out.append(level)
+            for lv in out:
+                lv.flags.writeable = False
+            self._levels[depth] = tuple(out)
+        return list(self._levels[depth])
 
     def expanded_layers(self, depth: int) -> np.ndarray:
         """Layers whose kernels a pyramid of `depth` may expand (levels 0..depth-2)."""
