@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -94,6 +95,9 @@ class Explainer:
         self._levels: dict[int, tuple[np.ndarray, ...]] = {}
         self._steps: dict[int, LayerStep] = {}
         self._means: dict[int, Future[np.ndarray]] = {}  # tap means read ahead (prefetch)
+        # prefetch (before a run) and step (in a pyramid) may run on two threads at once
+        # (cfp batch builds one clip's pyramid while the next clip's forward runs)
+        self._weights = threading.Lock()
         self._sessions: dict[tuple[str, ...], Session] = {}
         self._estimates: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.input_dtype = onnx.helper.tensor_dtype_to_np_dtype(
@@ -441,13 +445,17 @@ class Explainer:
         on a thread, while the clip decodes and the forward runs: in a fresh process that
         is ~0.07 s of a ResNet-50-3D pyramid's 0.1 s (file reads into new pages), and the
         back-step needs it only after the forward. `step` takes the result (or its error)."""
-        todo = [i for i in self.expanded_layers(depth).tolist() if i not in self._steps]
-        for i in todo:
-            if i not in self._means:
-                self._means[i] = _weight_reader().submit(self.layers[i].tap_means)
+        with self._weights:
+            for i in self.expanded_layers(depth).tolist():
+                if i not in self._steps and i not in self._means:
+                    self._means[i] = _weight_reader().submit(self.layers[i].tap_means)
 
     def step(self, layer: int) -> LayerStep:
         """Back-step data of a layer, computed once per Explainer."""
+        with self._weights:
+            return self._step(layer)
+
+    def _step(self, layer: int) -> LayerStep:
         if layer not in self._steps:
             lay, csr, xp = self.layers[layer], self.input_csr(layer), self.xp
             ahead = self._means.pop(layer, None)

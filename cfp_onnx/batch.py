@@ -332,7 +332,14 @@ class ClipWorker:
 
     def explain_many(self, items: Sequence[tuple[ClipTask, np.ndarray]]) -> list[Outcome]:
         """Several clips through one batched forward where the model's batch is dynamic,
-        each giving exactly what `explain` gives it alone.
+        each giving exactly what `explain` gives it alone (see `forward`)."""
+        return [o if isinstance(o, ClipFailure) else self.finish(*o) for o in self.forward(items)]
+
+    def forward(
+        self, items: Sequence[tuple[ClipTask, np.ndarray]]
+    ) -> list[tuple[ClipTask, np.ndarray, Run] | ClipFailure]:
+        """The runs of several clips (one batched forward where the model's batch is
+        dynamic), each exactly what the clip's own run gives; `finish` makes their results.
 
         That is checked, not assumed: the first batch is also run clip by clip, and unless
         every run matches bit for bit (a graph that fixes its batch, or a kernel whose
@@ -342,7 +349,7 @@ class ClipWorker:
         ex = self.explainer_for(items[0][1])
         depth = self.spec.options.depth
         if len(items) == 1 or not ex.batchable or self.batching is False:
-            return [self._safe(task, clip) for task, clip in items]
+            return [self._run(ex, task, clip) for task, clip in items]
         try:
             runs = ex.run_many([clip for _, clip in items], depth=depth)
             if self.batching is None:  # the first batch: checked against single runs
@@ -352,18 +359,22 @@ class ClipWorker:
                     log.info("batched forwards differ from single ones here: clips run alone")
                     runs = alone
         except CfpError:
-            return [self._safe(task, clip) for task, clip in items]
-        out: list[Outcome] = []
-        for (task, clip), run in zip(items, runs):
-            try:
-                out.append(self._result(ex, task, clip, run))
-            except CfpError as exc:
-                out.append(ClipFailure(task.id, str(exc)))
-        return out
+            return [self._run(ex, task, clip) for task, clip in items]
+        return [(task, clip, run) for (task, clip), run in zip(items, runs)]
 
-    def _safe(self, task: ClipTask, clip: np.ndarray) -> Outcome:
+    def finish(self, task: ClipTask, clip: np.ndarray, run: Run) -> Outcome:
+        """A clip's result from its run (its pyramid, any faithfulness check); a user error
+        on this clip is reported, not raised. Safe beside the next clip's `forward`."""
         try:
-            return self.explain(task, clip)
+            return self._result(self.explainer_for(clip), task, clip, run)
+        except CfpError as exc:
+            return ClipFailure(task.id, str(exc))
+
+    def _run(
+        self, ex: Explainer, task: ClipTask, clip: np.ndarray
+    ) -> tuple[ClipTask, np.ndarray, Run] | ClipFailure:
+        try:
+            return task, clip, ex.run(clip, depth=self.spec.options.depth)
         except CfpError as exc:
             return ClipFailure(task.id, str(exc))
 

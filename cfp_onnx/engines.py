@@ -42,11 +42,14 @@ def batch_for(batch: int | None, device: str) -> int:
 
 @dataclass(frozen=True)
 class LocalEngine:
-    """This process: a pool of decoder threads keeps `prefetch` clips ahead, in order, and
-    the caller's thread explains them.
+    """This process: a pool of decoder threads keeps `prefetch` clips ahead, in order; the
+    caller's thread runs the forwards, and on the CPU a second thread builds each clip's
+    pyramid while the next clip's forward runs.
 
-    Memory is bounded by ``prefetch`` decoded clips whatever the dataset's size, and
-    decoding (OpenCV releases the GIL) overlaps the forward passes.
+    Memory is bounded by ``prefetch`` decoded clips and one finished forward whatever the
+    dataset's size. Decoding (OpenCV releases the GIL) overlaps the forwards, and so does
+    the back-step, whose NumPy passes keep only ~1.3 of 2 cores busy: +4-10 % clips/s on
+    ResNet-50-3D (benchmarks/README.md, Throughput).
     """
 
     prefetch: int = 4  # two per decoder: the same throughput as 8 (measured), half the clips held
@@ -65,6 +68,12 @@ class LocalEngine:
         pool = ThreadPoolExecutor(
             max_workers=max(1, self.decoders), thread_name_prefix="cfp-decode"
         )
+        # CuPy arrays stay on the thread that made them (untested across threads here)
+        finisher = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfp-pyramid")
+            if spec.device == "cpu"
+            else None
+        )
 
         def refill() -> None:
             while len(ahead) < max(self.prefetch, batch):
@@ -73,19 +82,30 @@ class LocalEngine:
                     return
                 ahead.append(pool.submit(_decode, first, task))
 
+        def finish(run: Any) -> Any:
+            if isinstance(run, ClipFailure):
+                return run
+            return finisher.submit(first.finish, *run) if finisher else first.finish(*run)
+
+        waiting: list[Any] = []  # the last forwards' outcomes (futures while finishing)
         try:
             refill()
             while ahead:
                 group: list[tuple[ClipTask, Any]] = []
+                failed: list[Outcome] = []
                 while ahead and len(group) < batch:
                     task, clip = ahead.popleft().result()
                     if isinstance(clip, ClipFailure):
-                        yield clip
+                        failed.append(clip)
                     else:
                         group.append((task, clip))
                 refill()
+                yield from failed
                 if group:
-                    yield from first.explain_many(group)
+                    runs = [finish(r) for r in first.forward(group)]
+                    yield from _outcomes(waiting)  # the clip before, finished meanwhile
+                    waiting = runs
+            yield from _outcomes(waiting)
         finally:
             # Wait for the decoders, never leave one running: a thread inside OpenCV when
             # the interpreter exits is killed by a forced unwind through C++ frames, which
@@ -94,6 +114,13 @@ class LocalEngine:
             for f in ahead:
                 f.cancel()
             pool.shutdown(wait=True)
+            if finisher:
+                finisher.shutdown(wait=True, cancel_futures=True)
+
+
+def _outcomes(items: list[Any]) -> Iterator[Outcome]:
+    for item in items:
+        yield item.result() if isinstance(item, Future) else item
 
 
 def _decode(worker: ClipWorker, task: ClipTask) -> tuple[ClipTask, Any]:

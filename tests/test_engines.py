@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_ray_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, data: Pat
 @pytest.mark.parametrize(("prefetch", "batch"), [(2, 1), (3, 4)])
 def test_local_queue_is_bounded(data: Path, prefetch: int, batch: int) -> None:
     """The decoders never run more than max(`prefetch`, `batch`) clips ahead of the
-    explainer (plus the batch being explained)."""
+    explainer (plus the batch being run and the one whose pyramids are being built)."""
     s = spec(data)
     worker = ClipWorker(s)
     decoded: list[str] = []
@@ -68,7 +69,7 @@ def test_local_queue_is_bounded(data: Path, prefetch: int, batch: int) -> None:
         consumed += 1
         with lock:
             ahead = len(decoded) - consumed
-        assert ahead <= max(prefetch, batch) + batch
+        assert ahead <= max(prefetch, batch) + 2 * batch
     assert consumed == len(tasks)
 
 
@@ -145,3 +146,39 @@ def test_ray_batches_equal_local_clips_alone(data: Path, tmp_path: Path, ray_loc
     remote = run_batch(s, tasks, tmp_path / "ray", engine=RayEngine(workers=2, batch=3))
     assert remote.done == local.done == len(tasks) - 1 and [f.id for f in remote.failed] == ["bad"]
     assert tree(tmp_path / "ray") == tree(tmp_path / "local")
+
+
+def test_local_engine_builds_a_pyramid_while_the_next_forward_runs(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU each clip's pyramid is made on a thread of its own, beside the next
+    clip's forward, and the folder is the same as when nothing overlaps."""
+    events: list[tuple[str, str, float]] = []
+    real_forward, real_finish = ClipWorker.forward, ClipWorker.finish
+
+    def forward(self, items):  # type: ignore[no-untyped-def]
+        events.append(("forward", items[0][0].id, time.perf_counter()))
+        return real_forward(self, items)
+
+    def finish(self, task, clip, run):  # type: ignore[no-untyped-def]
+        time.sleep(0.05)  # a slow back-step: the next forward must not wait for it
+        out = real_finish(self, task, clip, run)
+        events.append(("finished", task.id, time.perf_counter()))
+        assert threading.current_thread().name.startswith("cfp-pyramid")
+        return out
+
+    monkeypatch.setattr(ClipWorker, "forward", forward)
+    monkeypatch.setattr(ClipWorker, "finish", finish)
+    tasks = tasks_from(data / "clips")[:6]
+    run_batch(spec(data), tasks, tmp_path / "overlap", engine=LocalEngine())
+    at = {(kind, clip): t for kind, clip, t in events}
+    ids = [t.id for t in tasks]
+    assert all(at["forward", b] < at["finished", a] for a, b in zip(ids, ids[1:]))
+    monkeypatch.setattr(ClipWorker, "forward", real_forward)
+    monkeypatch.setattr(ClipWorker, "finish", real_finish)
+    alone = tmp_path / "alone"
+    for t in tasks:  # one clip a run, nothing overlapping (the class pyramids then differ)
+        run_batch(spec(data), [t], alone, engine=LocalEngine())
+    clips = {k: v for k, v in tree(tmp_path / "overlap").items() if k.startswith("clips/")}
+    assert len(clips) >= 3 * len(tasks)
+    assert clips == {k: v for k, v in tree(alone).items() if k.startswith("clips/")}
