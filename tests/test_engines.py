@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import itertools
 import threading
 import time
 from dataclasses import replace
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cfp_onnx.batch import ClipFailure, ClipResult, ClipTask, ClipWorker, run_batch, tasks_from
-from cfp_onnx.engines import LocalEngine, RayEngine, make_engine
+from cfp_onnx.engines import OVERLAP_S, LocalEngine, RayEngine, make_engine
 from cfp_onnx.errors import OptionError
 from tests.test_batch import make_clips, spec, tiny_model, tree
 
@@ -148,37 +149,43 @@ def test_ray_batches_equal_local_clips_alone(data: Path, tmp_path: Path, ray_loc
     assert tree(tmp_path / "ray") == tree(tmp_path / "local")
 
 
-def test_local_engine_builds_a_pyramid_while_the_next_forward_runs(
+def test_local_engine_builds_slow_pyramids_while_the_next_forward_runs(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the CPU each clip's pyramid is made on a thread of its own, beside the next
-    clip's forward, and the folder is the same as when nothing overlaps."""
-    events: list[tuple[str, str, float]] = []
+    """On the CPU, once a clip's pyramid takes OVERLAP_S or more, each later clip's
+    pyramid is made on a thread of its own beside the next clip's forward; a fast one
+    stays on the caller's thread. The clip folders are the same either way."""
+    events: list[tuple[str, str, float, str]] = []
     real_forward, real_finish = ClipWorker.forward, ClipWorker.finish
+    delay = {"s": 0.0}
 
     def forward(self, items):  # type: ignore[no-untyped-def]
-        events.append(("forward", items[0][0].id, time.perf_counter()))
+        events.append(("forward", items[0][0].id, time.perf_counter(), ""))
         return real_forward(self, items)
 
     def finish(self, task, clip, run):  # type: ignore[no-untyped-def]
-        time.sleep(0.05)  # a slow back-step: the next forward must not wait for it
+        time.sleep(delay["s"])  # a slow back-step: the next forward must not wait for it
         out = real_finish(self, task, clip, run)
-        events.append(("finished", task.id, time.perf_counter()))
-        assert threading.current_thread().name.startswith("cfp-pyramid")
+        events.append(("finished", task.id, time.perf_counter(), threading.current_thread().name))
         return out
 
     monkeypatch.setattr(ClipWorker, "forward", forward)
     monkeypatch.setattr(ClipWorker, "finish", finish)
     tasks = tasks_from(data / "clips")[:6]
-    run_batch(spec(data), tasks, tmp_path / "overlap", engine=LocalEngine())
-    at = {(kind, clip): t for kind, clip, t in events}
     ids = [t.id for t in tasks]
-    assert all(at["forward", b] < at["finished", a] for a, b in zip(ids, ids[1:]))
-    monkeypatch.setattr(ClipWorker, "forward", real_forward)
-    monkeypatch.setattr(ClipWorker, "finish", real_finish)
-    alone = tmp_path / "alone"
-    for t in tasks:  # one clip a run, nothing overlapping (the class pyramids then differ)
-        run_batch(spec(data), [t], alone, engine=LocalEngine())
-    clips = {k: v for k, v in tree(tmp_path / "overlap").items() if k.startswith("clips/")}
-    assert len(clips) >= 3 * len(tasks)
-    assert clips == {k: v for k, v in tree(alone).items() if k.startswith("clips/")}
+    run_batch(spec(data), tasks, tmp_path / "fast", engine=LocalEngine())
+    assert {e[3] for e in events if e[0] == "finished"} == {"MainThread"}
+    events.clear()
+    delay["s"] = 2 * OVERLAP_S
+    run_batch(spec(data), tasks, tmp_path / "slow", engine=LocalEngine())
+    at = {(kind, clip): t for kind, clip, t, _ in events}
+    where = [name for kind, _, _, name in events if kind == "finished"]
+    assert where[0] == "MainThread" and all(n.startswith("cfp-pyramid") for n in where[1:])
+    assert all(at["forward", b] < at["finished", a] for a, b in itertools.pairwise(ids[1:]))
+    assert at["finished", ids[0]] < at["forward", ids[1]]  # the first decides, inline
+
+    def clips(folder: Path) -> dict[str, bytes]:
+        return {k: v for k, v in tree(folder).items() if k.startswith("clips/")}
+
+    assert len(clips(tmp_path / "slow")) >= 3 * len(tasks)
+    assert clips(tmp_path / "slow") == clips(tmp_path / "fast")
