@@ -453,22 +453,19 @@ class Explainer:
     def step(self, layer: int) -> LayerStep:
         """Back-step data of a layer, computed once per Explainer."""
         with self._weights:
-            return self._step(layer)
-
-    def _step(self, layer: int) -> LayerStep:
-        if layer not in self._steps:
-            lay, csr, xp = self.layers[layer], self.input_csr(layer), self.xp
-            ahead = self._means.pop(layer, None)
-            means = ahead.result() if ahead is not None else lay.tap_means()
-            injective = len(np.unique(csr.kernels)) == len(csr.kernels)
-            self._steps[layer] = LayerStep(
-                xp.asarray(means),
-                lay.group,
-                xp.asarray(csr.indptr),
-                xp.asarray(csr.kernels),
-                injective,
-            )
-        return self._steps[layer]
+            if layer not in self._steps:
+                lay, csr, xp = self.layers[layer], self.input_csr(layer), self.xp
+                ahead = self._means.pop(layer, None)
+                means = ahead.result() if ahead is not None else lay.tap_means()
+                injective = len(np.unique(csr.kernels)) == len(csr.kernels)
+                self._steps[layer] = LayerStep(
+                    xp.asarray(means),
+                    lay.group,
+                    xp.asarray(csr.indptr),
+                    xp.asarray(csr.kernels),
+                    injective,
+                )
+            return self._steps[layer]
 
 
 @lru_cache(maxsize=1)

@@ -58,21 +58,18 @@ class LocalEngine:
     batch: int | None = None  # clips per forward where the batch is dynamic; None: batch_for
     overlap: bool = True  # on the CPU, build each pyramid beside the next forward
 
-    def batch_for(self, device: str) -> int:
-        return batch_for(self.batch, device)
-
     def results(
         self, spec: WorkerSpec, tasks: Sequence[ClipTask], first: ClipWorker
     ) -> Iterator[Outcome]:
         ahead: deque[Future[Any]] = deque()
         todo = iter(tasks)
-        batch = self.batch_for(spec.device)
+        batch = batch_for(self.batch, spec.device)
         pool = ThreadPoolExecutor(
             max_workers=max(1, self.decoders), thread_name_prefix="cfp-decode"
         )
         # On a GPU the back-step runs there, beside nothing to fill: not overlapped (and
-        # CuPy across threads is untested here). On the CPU, once the first clip shows its
-        # pyramid is worth a thread (see OVERLAP_S).
+        # CuPy across threads is untested here). On the CPU, from the first clip whose
+        # pyramid shows it is worth a thread (see OVERLAP_S).
         overlap = self.overlap and spec.device == "cpu"
         finisher: ThreadPoolExecutor | None = None
 
@@ -127,8 +124,8 @@ class LocalEngine:
 
 
 OVERLAP_S = 0.01
-"""A clip's pyramid (its first, weights read included) that takes this long is built on a
-thread of its own from then on, beside the next forward: ResNet-50-3D's 30-70 ms gained
+"""Once a clip's pyramid (the first one's includes its weight reads) takes this long, every
+later clip's is built on a thread of its own, beside the next forward: ResNet-50-3D's 30-70 ms gained
 4-10 % clips/s; the demo model's 2-3 ms lost 3 % to the thread hops."""
 
 

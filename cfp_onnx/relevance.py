@@ -167,7 +167,8 @@ def back_step(
 
 
 BLOCK = 1 << 16
-"""Score entries per block in `column_best`: a block's arithmetic stays in cache."""
+"""Score entries per block in `column_best` and `kept_pairs`: a block's arithmetic stays in
+cache."""
 
 
 def column_best(
@@ -218,14 +219,13 @@ def kept_pairs(
     843 x 2048, 14 MB, and its mask beside it); scoring and selecting are row by row, so
     blocks of rows give the same pairs, element by element, holding one block at a time.
     """
-    c_out, per_group = kbar.shape
-    q = js // (c_out // group)
-    step = max(1, BLOCK // per_group)
+    step = max(1, BLOCK // kbar.shape[1])
     parts = []
     for start in range(0, len(js), step):
-        r = scores(xp, kbar, group, js[start : start + step], a)
-        row, m = xp.nonzero(select(xp, r, theta, top_n))
-        parts.append((row + start, q[row + start] * per_group + m, r[row, m]))
+        row, channel, score = back_step(
+            xp, kbar, group, js[start : start + step], a, theta, top_n
+        ).kept(xp)
+        parts.append((row + start, channel, score))
     if not parts:
         return xp.zeros(0, xp.int64), xp.zeros(0, xp.int64), xp.zeros(0)
     row, channel, score = (xp.concatenate(x) for x in zip(*parts))

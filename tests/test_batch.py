@@ -30,7 +30,7 @@ from cfp_onnx.batch import (
     summary_header,
     tasks_from,
 )
-from cfp_onnx.engines import LocalEngine
+from cfp_onnx.engines import LocalEngine, batch_for
 from cfp_onnx.errors import OptionError, OutputError
 from cfp_onnx.metadata import write_metadata
 
@@ -611,8 +611,9 @@ def test_the_default_batch_is_one_clip_on_the_cpu_and_four_on_a_gpu(
 ) -> None:
     """On the CPU a batch buys no throughput and holds its clips' activations: by default
     every forward there is one clip's, even where the model's batch axis is dynamic."""
-    assert (LocalEngine().batch_for("cpu"), LocalEngine().batch_for("cuda")) == (1, 4)
-    assert LocalEngine(batch=3).batch_for("cpu") == LocalEngine(batch=3).batch_for("cuda") == 3
+    default, three = LocalEngine().batch, LocalEngine(batch=3).batch
+    assert (batch_for(default, "cpu"), batch_for(default, "cuda")) == (1, 4)
+    assert batch_for(three, "cpu") == batch_for(three, "cuda") == 3
     sizes = count_runs(monkeypatch)
     tasks = tasks_from(data / "clips")[:6]
     s = run_batch(WorkerSpec(str(dynamic), BatchOptions(theta=0.5)), tasks, tmp_path / "o",
