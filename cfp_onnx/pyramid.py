@@ -245,29 +245,37 @@ class Pyramid:
             fp,
             [b'{"source": ', b', "target": ', b', "relevance": ', b"}"],
             (
-                [jsonrows.Table(ids, s), jsonrows.Table(ids, t), _finite(r)]
-                for s, t, r in self._link_runs()
+                [jsonrows.Table(ids, s), jsonrows.Table(ids, t), _finite_lookup(r, pick)]
+                for s, t, r, pick in self._link_runs()
             ),
             chunk,
         )
         return n + fp.write(b"]}")
 
-    def _link_runs(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _link_runs(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """The links in (source, target) order, in runs: one per back-step when each
         step's parents come after the one before's (they do: a step expands one layer's
         kernels of one depth, and node ids run in (depth, layer) order), so a writer can
-        format one step while the next is expanded, and the whole list is never held."""
+        format one step while the next is expanded, and the whole list is never held.
+
+        A run is ``(source, target, scores, pick)``: link ``i``'s relevance is
+        ``scores[pick[i]]``, its kept pair's score (a channel carrying several kernels
+        gives them all one score: formatted once, looked up for each)."""
         if "_links" in self.__dict__ or not self._steps_in_order():
             if len(self.link_source):
-                yield self._links
+                s, t, r = self._links
+                yield s, t, r, np.arange(len(r))
             return
         n = np.int64(len(self.node_layer))
         for b in self.blocks:
             for lo, hi in b.pieces(RUN_LINKS):
-                s, t, r = b.expand_pairs(lo, hi)
+                s, t, scores, pick = b.expand_indexed(lo, hi)
                 s, t = self.node_of[s], self.node_of[t]
-                order = np.argsort(s * n + t, kind="stable")  # parents ascending: runs sorted
-                yield s[order], t[order], r[order]
+                key = s * n + t
+                if len(key) and bool(np.any(key[1:] < key[:-1])):  # parents ascend already
+                    order = np.argsort(key, kind="stable")
+                    s, t, pick = s[order], t[order], pick[order]
+                yield s, t, scores, pick
 
     def _steps_in_order(self) -> bool:
         bounds = [self.node_of[to_numpy(b.parents)] for b in self.blocks if len(b.parents)]
@@ -317,6 +325,12 @@ def _finite(values: np.ndarray) -> jsonrows.Column:
     if not np.all(np.isfinite(values)):
         raise ValueError("pyramid relevances must be finite")
     return jsonrows.numbers(values)
+
+
+def _finite_lookup(values: np.ndarray, pick: np.ndarray) -> jsonrows.Column:
+    if not np.all(np.isfinite(values)):
+        raise ValueError("pyramid relevances must be finite")
+    return jsonrows.looked_up(values, pick)
 
 
 def _children(p: Pyramid) -> dict[int, list[Any]]:
@@ -395,7 +409,8 @@ class LinkBlock:
         if rows is not None:
             pick = rows[row]
             row, channel, score = row[pick], channel[pick], score[pick]
-        return self._expand(row, channel, score)
+        parent, child, scores, which = self._expand(row, channel, score)
+        return parent, child, scores[which]
 
     def pieces(self, links: int) -> list[tuple[int, int]]:
         """Ranges of kept pairs, each of whole parents and about `links` links: a step
@@ -410,19 +425,23 @@ class LinkBlock:
         edges = [0, *cuts.tolist(), n]
         return list(itertools.pairwise(edges))
 
-    def expand_pairs(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`expand` of the kept pairs ``lo:hi`` (whole parents: see `pieces`)."""
+    def expand_indexed(
+        self, lo: int, hi: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`expand` of the kept pairs ``lo:hi`` (whole parents: see `pieces`) as (parent
+        kernel, child kernel, scores, pick): link ``i``'s r' is ``scores[pick[i]]``."""
         return self._expand(self.row[lo:hi], self.channel[lo:hi], self.score[lo:hi])
 
     def _expand(
         self, row: np.ndarray, channel: np.ndarray, score: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         entry, child = expand_csr(np, to_numpy(self.indptr), to_numpy(self.kernels), channel)
-        parent, score = self.parent[row][entry], score[entry]
-        if self.injective:
-            return parent, child, score
+        parent = self.parent[row][entry]
+        if self.injective:  # every link of a kept pair has its score
+            return parent, child, score, entry
         n = int(max(parent.max(initial=0), child.max(initial=0))) + 1
-        return max_per_pair(np, parent, child, score, n)
+        parent, child, r = max_per_pair(np, parent, child, score[entry], n)
+        return parent, child, r, np.arange(len(r))
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,26 @@ def test_rows_hold_exact_numbers_and_escaped_names():
     assert [r["v"] for r in rows] == values.tolist()  # the same floats, bit for bit
 
 
+def test_looked_up_values_and_framed_tables_read_back_exactly():
+    """Values formatted once and looked up per row (a step's repeated scores), ints
+    through their text table, and a table framed by the literals around it."""
+    values = np.array([1 / 3, 5e-324, -2.2250738585072014e-308, 0.1, 7.0])
+    pick = np.array([4, 0, 0, 2, 1, 3, 3, 3, 0])
+    out = io.BytesIO()
+    cols = [jsonrows.looked_up(values, pick), jsonrows.looked_up(np.arange(5) * 7, pick)]
+    jsonrows.write_rows(out, [b"[", b", ", b"]"], [cols], chunk=4)
+    assert json.loads(b"[" + out.getvalue() + b"]") == [
+        [values[i], int(i) * 7] for i in pick
+    ]  # the same floats, bit for bit
+    table = jsonrows.strings(["a", "bcd"], np.array([1, 0]))
+    assert isinstance(table, jsonrows.Table)
+    framed = table.framed(b"<", b">, ")
+    got = [bytes(r).rstrip(b"\0") for r in framed.texts[framed.index]]
+    assert got == [b'<"bcd">, ', b'<"a">, ']
+    with pytest.raises(ValueError, match="finite"):
+        jsonrows.looked_up(np.array([np.inf]), np.zeros(3, np.int64))
+
+
 def test_empty_columns_and_non_finite_values():
     out = io.BytesIO()
     assert jsonrows.write_rows(out, [b"{", b"}"], [[jsonrows.numbers(np.zeros(0))]]) == 0
@@ -96,9 +116,9 @@ def test_links_written_in_runs_equal_the_sorted_list(exported, monkeypatch, run_
     assert len(runs) > 1 and "_links" not in fresh.__dict__
     pieces = sum(len(b.pieces(run_links)) for b in fresh.blocks)
     assert len(runs) == pieces and (pieces > len(fresh.blocks)) == (run_links < 1 << 16)
-    parents = [set(s.tolist()) for s, _, _ in runs]
+    parents = [set(s.tolist()) for s, _, _, _ in runs]
     assert all(not (a & b) for a, b in itertools.combinations(parents, 2))  # whole parents
-    joined = [np.concatenate(c) for c in zip(*runs)]
+    joined = [np.concatenate(c) for c in zip(*[(s, t, r[pick]) for s, t, r, pick in runs])]
     for got, want in zip(joined, (fresh.link_source, fresh.link_target, fresh.link_relevance)):
         assert np.array_equal(got, want)
     counted = [links for _, _, _, links in fresh.summary()]  # from the factored steps
