@@ -25,7 +25,7 @@ from cfp_onnx.api import Explainer
 from cfp_onnx.compare import Agreement
 from cfp_onnx.digest import file_digest
 from cfp_onnx.errors import ModelError, OutputError
-from cfp_onnx.explanation import Explanation, explain, prepare
+from cfp_onnx.explanation import Explanation, busy_after_pyramid, explain, prepare
 from cfp_onnx.loading import LoadedModel, load_model, resolve_input_shape, static_input
 from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
@@ -125,7 +125,8 @@ def explain_to(
                 names = checked_names(loaded, explainer)
             folder = tmp / f"window_{i:03d}" if windowed else tmp
             folder.mkdir(exist_ok=True)
-            with outputs.early_pyramid(folder) as early:  # pyramid.json written meanwhile
+            # pyramid.json written meanwhile, on its own threads if nothing else runs then
+            with outputs.early_pyramid(folder, parallel=not busy_after_pyramid(vopts)) as early:
                 e = explain(
                     explainer,
                     c,

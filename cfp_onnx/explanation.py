@@ -193,6 +193,13 @@ def explain(
     return Explanation(pyr, clip, maps, motion, tube, view.class_tube, class_names, view, faith)
 
 
+def busy_after_pyramid(view: ViewOptions) -> bool:
+    """Whether `explain` has more to compute once the pyramid exists (maps, the shuffle
+    run, a class tube, the faithfulness check): a writer started then (``on_pyramid``)
+    shares the cores with it, so it is better kept to one thread."""
+    return view.needs_maps or view.class_tube is not None or bool(view.faithfulness)
+
+
 def prepare(
     explainer: Explainer, options: PyramidOptions | None = None, view: ViewOptions | None = None
 ) -> None:

@@ -194,13 +194,21 @@ def write_rows(
     literals: Sequence[bytes],
     segments: Iterable[Sequence[Column]],
     chunk: int = CHUNK,
+    *,
+    parallel: bool = True,
 ) -> int:
     """Write ``lit0 col0 lit1 col1 ... litK`` per row, rows separated by ``", "``.
 
     `segments` are column sets whose rows follow one another (one set, or, for a
     pyramid's links, one per back-step, each made while the one before is formatted).
     ``len(literals) == len(columns) + 1``. Returns the bytes written.
+
+    `parallel`: segments drawn and blocks formatted on threads of their own (faster when
+    the cores are otherwise idle). Without it, everything runs on the caller's thread:
+    when other work keeps the cores busy, the threads' hand-offs only cost CPU (measured
+    on a ResNet-50-3D ``cfp explain``: 0.13 s of 1.6 s).
     """
+    parallel = parallel and (os.cpu_count() or 1) >= 2
     if any(b"\0" in lit for lit in literals):
         raise ValueError("literals cannot hold NUL bytes")
     lead = literals[-1] + b", "  # a record opens with the row before's end: `}, {"a": `
@@ -243,7 +251,7 @@ def write_rows(
 
     def tasks() -> Iterator[tuple[Sequence[Slot], int, int, bool]]:
         first = True
-        for columns in _ahead(segments):
+        for columns in _ahead(segments) if parallel else segments:
             rows = len(columns[0]) if columns else 0
             record = slots(columns) if rows else []
             for lo in range(0, rows, chunk):
@@ -251,7 +259,7 @@ def write_rows(
                 first = False
 
     n, blocks = 0, 0
-    for text in _ordered(block, tasks()):
+    for text in _ordered(block, tasks()) if parallel else (block(*t) for t in tasks()):
         n, blocks = n + fp.write(text), blocks + 1
     return n + fp.write(literals[-1]) if blocks else 0  # the last row's end
 
@@ -260,9 +268,6 @@ def _ahead(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     """`items`, drawn on a thread up to `depth` ahead of the caller (a pyramid's next
     back-step is expanded while this one is formatted and written). An error raised
     while drawing is raised to the caller; a caller that stops early stops the thread."""
-    if (os.cpu_count() or 1) < 2:
-        yield from items
-        return
     q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -304,9 +309,6 @@ def _ordered(fn: Callable[..., bytes], tasks: Iterator[tuple[Any, ...]]) -> Iter
 
     Tasks are drawn (and so segments made) on the caller's thread while earlier ones
     are formatted."""
-    if (os.cpu_count() or 1) < 2:
-        yield from (fn(*t) for t in tasks)
-        return
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cfp-json") as pool:
         pending: deque[Future[bytes]] = deque()
         try:

@@ -291,10 +291,14 @@ class EarlyPyramid:
     The file of a ResNet-50-3D pyramid is 124 MB and takes ~0.4 s to format and write;
     the rest of an explanation (every kernel's map, the frame-shuffle run, the class tube,
     the page) does not need it, so the two overlap. `write` waits for it and raises its
-    error; a failed or interrupted run stops it before its staging folder is removed."""
+    error; a failed or interrupted run stops it before its staging folder is removed.
 
-    def __init__(self, folder: Path) -> None:
+    `parallel`: format it on threads of its own; leave it False when the explanation has
+    more to compute meanwhile (``explanation.busy_after_pyramid``)."""
+
+    def __init__(self, folder: Path, *, parallel: bool = True) -> None:
         self.path = folder / "pyramid.json"
+        self.parallel = parallel
         self._stop = threading.Event()
         self._future: Future[None] | None = None
 
@@ -304,7 +308,7 @@ class EarlyPyramid:
 
     def _write(self, pyramid: Pyramid) -> None:
         with self.path.open("wb") as f:
-            pyramid.write_json(_Stoppable(f, self._stop))  # type: ignore[arg-type]
+            pyramid.write_json(_Stoppable(f, self._stop), parallel=self.parallel)  # type: ignore[arg-type]
 
     def wait(self) -> bool:
         """Block until the file is written (raising the writer's error); False if it
@@ -323,9 +327,9 @@ class EarlyPyramid:
 
 
 @contextmanager
-def early_pyramid(folder: Path) -> Iterator[EarlyPyramid]:
+def early_pyramid(folder: Path, *, parallel: bool = True) -> Iterator[EarlyPyramid]:
     """An `EarlyPyramid` for `folder`, always stopped and joined on leaving."""
-    early = EarlyPyramid(folder)
+    early = EarlyPyramid(folder, parallel=parallel)
     try:
         yield early
     finally:

@@ -210,13 +210,17 @@ class Pyramid:
         self.write_json(out)
         return out.getvalue().decode("utf-8")
 
-    def write_json(self, fp: BinaryIO, chunk: int = jsonrows.CHUNK) -> int:
+    def write_json(
+        self, fp: BinaryIO, chunk: int = jsonrows.CHUNK, *, parallel: bool = True
+    ) -> int:
         """Stream ``pyramid.json`` (SPEC §5) to a binary file; returns the bytes written.
 
         The same document as ``json.dumps(to_dict())``: same keys in the same order, every
         number exactly the same value (floats as their shortest round-trip text). Nodes and
         links are formatted column by column (cfp_onnx.jsonrows), never one Python call
-        per link: a ResNet-50-3D pyramid has millions.
+        per link: a ResNet-50-3D pyramid has millions. `parallel`: format on threads
+        of their own (``jsonrows.write_rows``); pass False when other work keeps the cores
+        busy meanwhile.
         """
         head = json.dumps(self.to_dict_header(), allow_nan=False)[:-1].encode()
         ids = jsonrows.counting(len(self.node_layer))  # node ids: texts looked up, not formatted
@@ -239,6 +243,7 @@ class Pyramid:
                 _finite(self.node_relevance),
             ]],
             chunk,
+            parallel=parallel,
         )  # fmt: skip
         n += fp.write(b'], "links": [')
         n += jsonrows.write_rows(
@@ -249,6 +254,7 @@ class Pyramid:
                 for s, t, r, pick in self._link_runs()
             ),
             chunk,
+            parallel=parallel,
         )
         return n + fp.write(b"]}")
 

