@@ -477,7 +477,7 @@ def write_clip(out: Path, result: ClipResult) -> None:
             with (tmp / name).open("wb") as fh:
                 h = _Hashing(fh)
                 if isinstance(body, Pyramid):
-                    body.write_json(h, parallel=False)  # type: ignore[arg-type]  # forwards run meanwhile
+                    body.write_json(h)  # type: ignore[arg-type]
                 else:
                     h.write(body.encode() if isinstance(body, str) else body)
             files[name] = h.record()
