@@ -171,6 +171,7 @@ def explain(
     plan = _plan(explainer, opts, view)
     run = explainer.run(clip.tensor, depth=plan.depth, full=plan.full)
     pyr = explainer.pyramid(run, opts, class_names=class_names)
+    pyr.score_pairs()  # what the writer and the maps read first, scored on both cores
     if on_pyramid is not None:
         on_pyramid(pyr)
     size = clip.frames.shape[:3]

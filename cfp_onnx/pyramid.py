@@ -133,6 +133,18 @@ class Pyramid:
         order = np.lexsort((chan, node))
         return node[order], chan[order], score[order]
 
+    def score_pairs(self) -> None:
+        """Score every step's kept pairs now, the steps side by side on the pool (NumPy
+        releases the GIL in their passes): the maps, the links and the writer all read
+        them first, and each step would otherwise be scored on first use, one at a time
+        (ResNet-50-3D: ~45 ms on one core)."""
+        todo = [b for b in self.blocks if "_kept" not in b.__dict__]
+        if len(todo) < 2 or todo[0].xp is not np:
+            return
+        for b, kept in zip(todo, _pool().map(LinkBlock.scored, todo)):
+            b.__dict__.setdefault("_kept", kept)  # not through the property: in Python
+            # 3.11 its lock is one for the whole class, and would score them one at a time
+
     @property
     def kept_node(self) -> np.ndarray:
         """Per expanded node, the input channels its back-step kept (what its tube sums)."""
@@ -375,6 +387,10 @@ class LinkBlock:
 
     @cached_property
     def _kept(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.scored()
+
+    def scored(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The step's kept pairs, scored again (what `row`, `channel` and `score` hold)."""
         row, channel, score = self.pairs()
         return to_numpy(row), to_numpy(channel), to_numpy(score)
 

@@ -205,7 +205,7 @@ def test_a_stopped_early_writer_stops_between_blocks(tmp_path: Path) -> None:
     begun = threading.Event()
 
     class Endless:
-        def write_json(self, fp):  # type: ignore[no-untyped-def]
+        def write_json(self, fp, parallel=True):  # type: ignore[no-untyped-def]
             for i in range(10_000):
                 fp.write(b"x" * 1000)
                 writes.append(i)

@@ -183,3 +183,19 @@ def test_links_counted_while_scoring_equal_the_expanded_list(exported, name, top
     assert p.n_links == len(p.link_source) > 0
     want = np.bincount(p.node_depth[p.link_source], minlength=p.max_depth_reached + 1)
     assert by_depth == want.tolist()
+
+
+def test_pairs_scored_side_by_side_equal_those_scored_on_first_use(exported):
+    """score_pairs() scores every step's kept pairs on the pool: the same pairs, element
+    by element, and the same pyramid.json, as each step scored lazily on its own."""
+    _, path = exported("residual")
+    clip = np.random.default_rng(4).standard_normal(nets.CLIP).astype(np.float32)
+    ex = Explainer(path, clip_shape=clip.shape)
+    lazy, ahead = (ex.explain(clip, theta=0.3, depth=4) for _ in range(2))
+    ahead.score_pairs()
+    assert len(ahead.blocks) > 1 and all("_kept" in b.__dict__ for b in ahead.blocks)
+    assert not any("_kept" in b.__dict__ for b in lazy.blocks)
+    for a, b in zip(ahead.blocks, lazy.blocks):
+        for x, y in zip(a._kept, (b.row, b.channel, b.score)):
+            assert np.array_equal(x, y)
+    assert ahead.to_json() == lazy.to_json()
