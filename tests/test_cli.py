@@ -189,3 +189,49 @@ def test_the_cfp_script_sets_blas_threads_to_sleep_before_numpy_loads(user):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [user or "4", "False"]
+
+
+def test_a_subcommand_loads_only_its_own_modules() -> None:
+    """`cfp explain ...` builds the explain parser alone: the other subcommands' backends
+    (batch, embed, inspection) are not imported; `cfp --help` and unknown words get all."""
+    from cfp_onnx.cli.main import SUBCOMMANDS, _chosen
+
+    assert _chosen(["-v", "explain", "m.onnx", "--help"]) == "explain"
+    assert _chosen(["--help", "explain"]) is None and _chosen(["explian"]) is None
+    assert _chosen([]) is None and _chosen(["-q"]) is None
+    code = (
+        "import sys; from cfp_onnx.cli.main import build_parser\n"
+        "p = build_parser('explain')\n"
+        "print(sorted(m for m in ('cfp_onnx.batch', 'cfp_onnx.embed', 'cfp_onnx.inspection')"
+        " if m in sys.modules))\n"
+        "print(sorted(p._subparsers._group_actions[0].choices))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[]", "['explain']"]
+    full = subprocess.run(
+        [sys.executable, "-m", "cfp_onnx.cli.main", "--help"], capture_output=True, text=True
+    )
+    assert all(name in full.stdout for name in SUBCOMMANDS)
+
+
+def test_the_switch_interval_is_short_while_decoding_and_restored(monkeypatch) -> None:
+    """The decoder thread gets the GIL back quickly while the Explainer is built beside it;
+    the interpreter's interval is restored after, on success and on error."""
+    from cfp_onnx import commands
+
+    seen = []
+
+    def decode():  # type: ignore[no-untyped-def]
+        seen.append(sys.getswitchinterval())
+        return "clip"
+
+    before = sys.getswitchinterval()
+    assert commands._while_decoding(lambda _: "explainer", decode) == ("explainer", "clip")  # type: ignore[arg-type,return-value]
+    assert seen == [pytest.approx(commands.DECODE_SWITCH_S)] and sys.getswitchinterval() == before
+
+    def broken(_):  # type: ignore[no-untyped-def]
+        raise ValueError("bad model")
+
+    with pytest.raises(ValueError, match="bad model"):
+        commands._while_decoding(broken, decode)  # type: ignore[arg-type]
+    assert sys.getswitchinterval() == before

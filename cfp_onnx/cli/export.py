@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, verify, print the verification line; 0 on success."""
+    from cfp_onnx import runtime  # noqa: F401  # onnxruntime verifies: if missing, say so first
+
     metadata = _metadata(args)
     if args.framework == "torch":
         result = _export_torch(args, metadata)
