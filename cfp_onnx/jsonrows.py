@@ -7,7 +7,7 @@ dropping the NUL bytes, which JSON text never holds (orjson escapes a NUL in a s
 ``\\u0000``). The literals between columns (``, "target": ``) are folded into the texts
 of the neighbouring text-table column, and the row's closing literal and separator
 open the next record, so a record has few NUL runs to skip (each costs the compaction
-~15 % more on a 16 Ki-row block). Slots are gathered and copied as whole ``numpy.void``
+~15 % more on a 16 Ki-row block). Slots are copied into a record as whole ``numpy.void``
 items, never byte by byte.
 
 Numbers are formatted by orjson (shortest round-trip text, exactly the value:
@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any, BinaryIO, Protocol
 
 import numpy as np
@@ -63,12 +63,9 @@ class Table:
     def __len__(self) -> int:
         return len(self.index)
 
-    @cached_property
-    def _items(self) -> np.ndarray:
-        return _items(np.ascontiguousarray(self.texts))
-
     def block(self, lo: int, hi: int) -> np.ndarray:
-        return self._items[self.index[lo:hi]]  # whole items: 3x faster than np.take on rows
+        # np.take of whole rows: ~1.7x faster than fancy indexing of their void items
+        return _items(np.take(self.texts, self.index[lo:hi], axis=0))
 
     def framed(self, prefix: bytes, suffix: bytes) -> Table:
         """The same rows with `prefix` before and `suffix` after every text."""
@@ -233,7 +230,7 @@ def write_rows(
                 before = after
         return [*out, before] if before else out
 
-    def block(record: Sequence[Slot], lo: int, hi: int, first: bool) -> bytes:
+    def block(record: Sequence[Slot], lo: int, hi: int, first: bool) -> memoryview:
         parts = [s if isinstance(s, bytes) else s.block(lo, hi) for s in record]
         widths = [len(p) if isinstance(p, bytes) else p.dtype.itemsize for p in parts]
         offsets = np.cumsum([0, *widths]).tolist()
@@ -246,8 +243,8 @@ def write_rows(
         for name, part in zip(names, parts):
             rec[name] = np.void(part) if isinstance(part, bytes) else part
         flat = rec.view(np.uint8)
-        text = flat[flat != 0].tobytes()
-        return text[len(lead) :] if first else text  # the first row follows no other
+        text = flat[flat != 0]  # written as it is: a file takes any buffer, no bytes copy
+        return memoryview(text[len(lead) :] if first else text)  # the first row follows no other
 
     def tasks() -> Iterator[tuple[Sequence[Slot], int, int, bool]]:
         first = True
@@ -304,13 +301,13 @@ def _ahead(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
         t.join()
 
 
-def _ordered(fn: Callable[..., bytes], tasks: Iterator[tuple[Any, ...]]) -> Iterator[bytes]:
+def _ordered(fn: Callable[..., Any], tasks: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
     """``fn(*task)`` for each task on two threads, in order, at most four tasks ahead.
 
     Tasks are drawn (and so segments made) on the caller's thread while earlier ones
     are formatted."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cfp-json") as pool:
-        pending: deque[Future[bytes]] = deque()
+        pending: deque[Future[Any]] = deque()
         try:
             for t in tasks:
                 if len(pending) >= 4:
