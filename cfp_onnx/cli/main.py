@@ -51,13 +51,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The ``cfp`` parser; with `only`, the parser of that subcommand alone (the others'
-    modules, and what they import, are not loaded: ~20 ms of a 1 s ``cfp explain``)."""
+    """The ``cfp`` parser; with `only`, the parser of that subcommand alone (the other
+    subcommands' own modules are not loaded: ~10-20 ms of a 1 s ``cfp explain``)."""
     parser = _Parser(prog="cfp", description="Class Feature Pyramids for ONNX video models.")
     parser.add_argument("--version", action="version", version=f"cfp_onnx {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if only in SUBCOMMANDS:
+        # What every subcommand runs on (onnxruntime's C extension among it) is imported
+        # here, while `main` holds signals back, not later inside the command.
+        importlib.import_module("cfp_onnx.commands")
     for name, module in _modules([only] if only in SUBCOMMANDS else SUBCOMMANDS).items():
         doc = (module.__doc__ or "").strip()
         p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
