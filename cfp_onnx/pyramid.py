@@ -262,7 +262,7 @@ class Pyramid:
             fp,
             [b'{"source": ', b', "target": ', b', "relevance": ', b"}"],
             (
-                [jsonrows.Table(ids, s), jsonrows.Table(ids, t), _finite_lookup(r, pick)]
+                [jsonrows.Table(ids, s), jsonrows.Table(ids, t), _finite(r, pick)]
                 for s, t, r, pick in self._link_runs()
             ),
             chunk,
@@ -339,16 +339,11 @@ class Pyramid:
         }
 
 
-def _finite(values: np.ndarray) -> jsonrows.Column:
+def _finite(values: np.ndarray, pick: np.ndarray | None = None) -> jsonrows.Column:
+    """The relevances' column: `values`, or ``values[pick]`` looked up (each formatted once)."""
     if not np.all(np.isfinite(values)):
         raise ValueError("pyramid relevances must be finite")
-    return jsonrows.numbers(values)
-
-
-def _finite_lookup(values: np.ndarray, pick: np.ndarray) -> jsonrows.Column:
-    if not np.all(np.isfinite(values)):
-        raise ValueError("pyramid relevances must be finite")
-    return jsonrows.looked_up(values, pick)
+    return jsonrows.numbers(values) if pick is None else jsonrows.looked_up(values, pick)
 
 
 def _children(p: Pyramid) -> dict[int, list[Any]]:
