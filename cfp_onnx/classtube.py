@@ -209,7 +209,6 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     src, dst, lrel = union.link_source, union.link_target, union.link_relevance  # by source
     indptr = np.searchsorted(src, np.arange(n + 1))
     share = _shares(src, lrel, n)
-    by_layer = [np.flatnonzero(union.node_layer == la) for la in np.unique(union.node_layer)]
 
     def children(k: np.ndarray, parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(class, link index) of every link out of each (class, parent) pair."""
@@ -220,24 +219,39 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
             ends - counts, counts
         )
 
+    layer_rank = np.unique(union.node_layer, return_inverse=True)[1]
     total = np.zeros(n)
     step = max(1, FLOW_BLOCK // max(1, n))
     for lo in range(0, len(labels), step):
         pick = (row >= lo) & (row < lo + step)
         c = min(step, len(labels) - lo)
+        k, at = row[pick] - lo, node[pick]
         f = np.zeros((c, n))
-        f[row[pick] - lo, node[pick]] = rel[pick]
-        depth = np.full((c, n), pyr.depth, np.int64)
-        depth[row[pick] - lo, node[pick]] = 0
-        for d in range(pyr.depth - 2):  # which kernels each class expands (depth <= D-2)
-            k, link = children(*np.nonzero(depth == d))
-            depth[k, dst[link]] = np.minimum(depth[k, dst[link]], d + 1)
-        expands = depth <= pyr.depth - 2
-        for members in reversed(by_layer):  # parents nearest the head first
-            k, at = np.nonzero(expands[:, members] & (f[:, members] != 0))
-            parent = members[at]
-            k_link, link = children(k, parent)
-            carried = np.repeat(f[k, parent], indptr[parent + 1] - indptr[parent])
+        f[k, at] = rel[pick]
+        # Which (class, kernel) pairs each class expands (depth <= D-2), found from the
+        # depth-0 pairs one level at a time, never by scanning a class x kernel array.
+        seen = np.zeros((c, n), bool)
+        seen[k, at] = True
+        expand_k, expand_at = [k], [at]
+        for _ in range(pyr.depth - 2):
+            k_link, link = children(k, at)
+            fresh = np.zeros(c * n, bool)  # a mask, not a sort: many links share a child
+            fresh[k_link * n + dst[link]] = True
+            key = np.flatnonzero(fresh & ~seen.reshape(-1))
+            seen.reshape(-1)[key] = True
+            k, at = key // n, key % n
+            expand_k.append(k)
+            expand_at.append(at)
+        k, at = np.concatenate(expand_k), np.concatenate(expand_at)
+        order = np.argsort(-layer_rank[at], kind="stable")  # parents nearest the head first
+        k, at = k[order], at[order]
+        bounds = np.flatnonzero(np.diff(layer_rank[at])) + 1
+        for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(at)]):
+            kk, parent = k[a:b], at[a:b]
+            carries = f[kk, parent] != 0
+            kk, parent = kk[carries], parent[carries]
+            k_link, link = children(kk, parent)
+            carried = np.repeat(f[kk, parent], indptr[parent + 1] - indptr[parent])
             np.add.at(f.reshape(-1), k_link * n + dst[link], carried * share[link])
         total += f.sum(axis=0)
     return union, total / len(labels)

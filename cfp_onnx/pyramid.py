@@ -24,6 +24,7 @@ import numpy as np
 from cfp_onnx import jsonrows
 from cfp_onnx.relevance import (
     Array,
+    best_and_pairs,
     column_best,
     expand_csr,
     head_scores,
@@ -615,8 +616,16 @@ def _level(
         layer, kids = task
         step = inp.steps(layer)
         pooled = inp.pooled(layer)
-        args = (xp, step.kbar, step.group, kids - offsets[layer], pooled, theta, top_n)
-        return kids, partial(kept_pairs, *args), step, *column_best(*args, count_links)
+        args = (xp, step.kbar, step.group, kids - offsets[layer], pooled, theta)
+        if top_n is None:
+            return (
+                kids,
+                partial(kept_pairs, *args, None),
+                step,
+                *column_best(*args, None, count_links),
+            )
+        best, count, pairs = best_and_pairs(*args, top_n, count_links)
+        return kids, lambda: pairs, step, best, count
 
     tasks = [(la, frontier[layer_of == la]) for la in to_numpy(xp.unique(layer_of)).tolist()]
     for layer, _ in tasks:  # read weights here, one layer at a time, not in the workers

@@ -32,8 +32,15 @@ def select(xp: ModuleType, scores: Array, theta: float, top_n: int | None) -> Ar
         return keep
     # The top_n-th largest kept score of each row (a partition, not a sort: O(C) a row),
     # then everything above it and, of the ties at it, the lowest indices.
-    masked = xp.where(keep, scores, -xp.inf)
-    kth = -xp.partition(-masked, top_n - 1, axis=-1)[..., top_n - 1 : top_n]
+    every = bool(keep.all())  # theta 0: normalised scores all reach it
+    masked = scores if every else xp.where(keep, scores, -xp.inf)
+    at = scores.shape[-1] - top_n  # ascending, the top_n-th largest sits here
+    kth = xp.partition(masked, at, axis=-1)[..., at : at + 1]
+    # At most top_n entries of a row reach its kth unless it ties with others; then
+    # those entries are the answer (the usual case, no running count of ties needed).
+    reach = masked >= kth if every else keep & (masked >= kth)
+    if bool((reach.sum(axis=-1) <= top_n).all()):
+        return reach
     above = masked > kth
     tie = keep & (masked == kth)
     room = top_n - above.sum(axis=-1, keepdims=True)
@@ -80,13 +87,13 @@ class Step:
     def keep(self, xp: ModuleType) -> Array:
         return select(xp, self.score, self.theta, self.top_n)
 
-    def kept(self, xp: ModuleType) -> tuple[Array, Array, Array]:
-        """(row, input channel, r') of every kept pair."""
-        row, m = xp.nonzero(self.keep(xp))
+    def kept(self, xp: ModuleType, keep: Array | None = None) -> tuple[Array, Array, Array]:
+        """(row, input channel, r') of every kept pair (`keep`: the step's mask, if made)."""
+        row, m = xp.nonzero(self.keep(xp) if keep is None else keep)
         return row, self.q[row] * self.per_group + m, self.score[row, m]
 
     def column_max(
-        self, xp: ModuleType, c_in: int, count: bool = False
+        self, xp: ModuleType, c_in: int, count: bool = False, keep: Array | None = None
     ) -> tuple[Array, Array | None]:
         """Per input channel, the largest kept r' over all selected kernels (-inf: none),
         and, with `count`, how many kernels keep it (what the step's link count is made of).
@@ -94,7 +101,8 @@ class Step:
         Without top_n a kept entry is one >= theta, so the column maximum of r' is the
         largest kept value whenever it reaches theta: one reduction, no mask.
         """
-        keep = self.keep(xp) if (count or self.top_n is not None) else None
+        if keep is None and (count or self.top_n is not None):
+            keep = self.keep(xp)
         if self.top_n is None:
             scores = self.score
         else:
@@ -201,6 +209,32 @@ def column_best(
         if kept is not None:
             kept += (r >= theta).sum(axis=0)
     return xp.where(best >= theta, best, -xp.inf), kept
+
+
+def best_and_pairs(
+    xp: ModuleType,
+    kbar: Array,
+    group: int,
+    js: Array,
+    a: Array,
+    theta: float,
+    top_n: int,
+    count: bool = False,
+) -> tuple[Array, Array | None, tuple[Array, Array, Array]]:
+    """`column_best` and `kept_pairs` of a top_n step from one score matrix and one
+    selection. The selection is most of a top_n step's cost, and its pairs (top_n a row at
+    most) are few: the column maxima and counts are taken from them, not from the matrix,
+    and they are small enough to hold until the links are written."""
+    pairs = back_step(xp, kbar, group, js, a, theta, top_n).kept(xp)
+    _, channel, score = pairs
+    best = xp.full(len(a), -xp.inf)
+    if xp is np:
+        np.maximum.at(best, channel, score)
+    elif len(channel):  # CuPy has no ufunc.at
+        at, val = max_per_key(xp, channel, score)
+        best[at] = val
+    kept = xp.bincount(channel, minlength=len(a)) if count else None
+    return best, kept, pairs
 
 
 def kept_pairs(

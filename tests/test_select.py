@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cfp_onnx.relevance import back_step, kept_pairs, select
+from cfp_onnx.relevance import back_step, best_and_pairs, column_best, kept_pairs, select
 
 
 def sorted_select(scores: np.ndarray, theta: float, top_n: int | None) -> np.ndarray:
@@ -24,10 +24,15 @@ def sorted_select(scores: np.ndarray, theta: float, top_n: int | None) -> np.nda
 
 @pytest.mark.parametrize("top_n", [None, 1, 2, 5, 9, 40])
 @pytest.mark.parametrize("theta", [0.0, 0.5, 1.0])
-def test_top_n_keeps_the_largest_and_breaks_ties_by_lower_index(top_n, theta):
+@pytest.mark.parametrize("ties", [True, False])
+def test_top_n_keeps_the_largest_and_breaks_ties_by_lower_index(top_n, theta, ties):
     rng = np.random.default_rng(top_n or 0)
-    scores = rng.integers(0, 5, size=(60, 12)) / 4.0  # many ties, rows with few kept
-    scores[0] = 1.0  # a constant row
+    if ties:  # many ties, rows with few kept: the running count of ties decides
+        scores = rng.integers(0, 5, size=(60, 12)) / 4.0
+        scores[0] = 1.0  # a constant row
+    else:  # distinct scores, as real back-steps give: no running count is needed
+        scores = rng.random(size=(60, 12))
+        scores[5, 3] = scores[5, 2]  # one pair of equal scores
     got = select(np, scores, theta, top_n)
     want = sorted_select(scores, theta, top_n)
     np.testing.assert_array_equal(got, want)
@@ -57,4 +62,26 @@ def test_kept_pairs_by_blocks_equal_the_whole_score_matrix(
     got = kept_pairs(np, kbar, group, js, a, 0.6, top_n)
     assert len(want[0]) >= rows  # every row keeps one pair at least (its largest r' is 1)
     for w, g in zip(want, got, strict=True):
+        assert w.dtype == g.dtype and np.array_equal(w, g)
+
+
+@pytest.mark.parametrize(
+    ("group", "per_group", "theta"), [(1, 300, 0.0), (1, 300, 0.6), (4, 16, 0.0), (64, 1, 0.6)]
+)
+def test_a_top_n_step_from_its_pairs_equals_the_dense_step(
+    group: int, per_group: int, theta: float
+) -> None:
+    """The column maxima and counts `best_and_pairs` takes from a top_n step's kept pairs
+    equal the dense matrix's (`column_best`), and its pairs equal `kept_pairs`."""
+    rng = np.random.default_rng(group)
+    kbar = rng.normal(size=(64, per_group))
+    kbar[3] = 0.5
+    js = np.sort(rng.choice(64, size=40, replace=False))
+    a = rng.random(per_group * group)
+    a[: per_group * group // 3] = 0.0  # channels no kernel keeps (-inf, count 0)
+    best, count, pairs = best_and_pairs(np, kbar, group, js, a, theta, 5, count=True)
+    want_best, want_count = column_best(np, kbar, group, js, a, theta, 5, count=True)
+    assert np.array_equal(best, want_best) and np.array_equal(count, want_count)
+    assert np.isinf(best).any() and np.isfinite(best).any()
+    for w, g in zip(kept_pairs(np, kbar, group, js, a, theta, 5), pairs, strict=True):
         assert w.dtype == g.dtype and np.array_equal(w, g)
