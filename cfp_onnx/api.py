@@ -35,7 +35,7 @@ from cfp_onnx.modelinput import clip_path
 from cfp_onnx.ops import CONV
 from cfp_onnx.options import PyramidOptions
 from cfp_onnx.provenance import Csr, Provenance, trace
-from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build, head_kernels
+from cfp_onnx.pyramid import LayerStep, Pyramid, PyramidInputs, build, selected_heads
 from cfp_onnx.relevance import minmax
 from cfp_onnx.runtime import Session
 from cfp_onnx.surgery import Tap, full_name, instrument, pooled_name
@@ -98,6 +98,7 @@ class Explainer:
         # prefetch (before a run) and step (in a pyramid) may run on two threads at once
         # (cfp batch builds one clip's pyramid while the next clip's forward runs)
         self._weights = threading.Lock()
+        self._head_cache: dict[Any, Any] = {}  # pyramid.selected_heads
         self._sessions: dict[tuple[str, ...], Session] = {}
         self._estimates: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.input_dtype = onnx.helper.tensor_dtype_to_np_dtype(
@@ -383,7 +384,7 @@ class Explainer:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every label's depth-0 kernels from one run: ``(position in labels, kernel id,
         relevance)`` triples (what each label's pyramid starts from)."""
-        row, kid, rel, _ = head_kernels(self.xp, self._inputs(run), options, labels)
+        row, kid, rel, _ = selected_heads(self.xp, self._inputs(run), options, labels)
         return to_numpy(row), to_numpy(kid), to_numpy(rel)
 
     def options(self, options: PyramidOptions | None, kw: dict[str, Any]) -> PyramidOptions:
@@ -438,6 +439,7 @@ class Explainer:
             features=xp.asarray(run.features, dtype=xp.float64),
             steps=self.step,
             pooled=lambda i: xp.asarray(run.pooled[self.layers[i].input], dtype=xp.float64),
+            head_cache=self._head_cache,
         )
 
     def prefetch(self, depth: int) -> None:

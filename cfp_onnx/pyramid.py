@@ -485,6 +485,9 @@ class PyramidInputs:
     features: Array  # [F] float64, pooled head input
     steps: Callable[[int], LayerStep]  # layer index -> its back-step data
     pooled: Callable[[int], Array]  # layer index -> [C_in] float64 pooled input
+    head_cache: dict[Any, Any] | None = (
+        None  # the Explainer's kept head selections (`selected_heads`)
+    )
 
 
 def build(
@@ -519,8 +522,9 @@ def build(
     )  # fmt: skip
     n_kernels = inp.space.size
     offsets = xp.asarray(inp.space.offsets)
-    heads = [label, *(int(k) for k in (union or ()) if int(k) != label)]
-    _, kid, rel, best = head_kernels(xp, inp, options, heads)
+    heads = sorted({label, *(int(k) for k in (union or ()))})
+    _, kid, rel, bests = selected_heads(xp, inp, options, heads)
+    best = float(bests[heads.index(label)])
     depth_of = xp.full(n_kernels, -1, dtype=xp.int64)
     head_rel = xp.full(n_kernels, -xp.inf)
     _scatter_max(xp, head_rel, kid, rel)
@@ -567,16 +571,45 @@ def build(
 
 def head_kernels(
     xp: ModuleType, inp: PyramidInputs, options: PyramidOptions, labels: Sequence[int]
-) -> tuple[Array, Array, Array, float]:
+) -> tuple[Array, Array, Array, Array]:
     """The depth-0 kernels of each of `labels` (SPEC §4): ``(row, kernel id, relevance)``
     triples, one per (label, kernel) (a kernel's relevance is the largest score of the kept
-    features leading to it), and the first label's largest normalised score."""
+    features leading to it), and each label's largest normalised score."""
     w, f, norm = inp.head_weight, inp.features, inp.head_normalised
-    scores = xp.stack([head_scores(xp, w, f, int(k), options.head_mode, norm) for k in labels])
+    if options.head_mode == "weights" and norm is not None:
+        scores = norm[xp.asarray(labels, dtype=xp.int64)]
+    else:
+        scores = xp.stack([head_scores(xp, w, f, int(k), options.head_mode, norm) for k in labels])
     rows, feats = xp.nonzero(select(xp, scores, options.theta, options.top_n))
     entry, kid = expand_csr(xp, inp.head_indptr, inp.head_kernels, feats)
     key, rel = max_per_key(xp, rows[entry] * inp.space.size + kid, scores[rows, feats][entry])
-    return key // inp.space.size, key % inp.space.size, rel, float(scores[0].max())
+    return key // inp.space.size, key % inp.space.size, rel, scores.max(axis=1)
+
+
+HEAD_CACHE = 8
+"""Head selections an Explainer keeps (`selected_heads`): the paper's head does not depend
+on the clip, and a pyramid class tube asks for every class's twice."""
+
+
+def selected_heads(
+    xp: ModuleType, inp: PyramidInputs, options: PyramidOptions, labels: Sequence[int]
+) -> tuple[Array, Array, Array, Array]:
+    """`head_kernels`, kept in `inp.head_cache` in the ``weights`` mode (the same for every
+    clip); the kept arrays are read-only on the CPU, so no caller can change them."""
+    cache = inp.head_cache
+    if options.head_mode != "weights" or inp.head_normalised is None or cache is None:
+        return head_kernels(xp, inp, options, labels)
+    key = (options.theta, options.top_n, tuple(int(k) for k in labels))
+    got = cache.get(key)
+    if got is None:
+        got = head_kernels(xp, inp, options, labels)
+        for a in got:
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False
+        if len(cache) >= HEAD_CACHE:
+            cache.clear()
+        cache[key] = got
+    return got
 
 
 @lru_cache(maxsize=1)

@@ -201,3 +201,28 @@ def test_mean_flow_over_the_union_equals_every_class_pyramid_built_alone(
     got[ids] = mean[union.node_of[ids]]
     assert union.max_depth_reached >= 2 and (want > 0).sum() > 10
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("head_mode", ["weights", "contrastive"])
+def test_kept_head_selections_give_the_pyramids_of_a_fresh_explainer(exported, head_mode):
+    """The paper's head selection is kept per Explainer (it does not depend on the clip):
+    pyramids and union pyramids of several clips equal those of Explainers that never kept
+    one, the kept arrays are read-only, and clip-dependent modes keep nothing."""
+    from tests import nets
+
+    _, path = exported("residual")
+    rng = np.random.default_rng(8)
+    ex = Explainer(str(path), clip_shape=nets.CLIP)
+    for _ in range(2):
+        x = rng.normal(size=nets.CLIP).astype(np.float32)
+        fresh = Explainer(str(path), clip_shape=nets.CLIP)
+        for kw in ({"theta": 0.0, "top_n": 2}, {"theta": 0.5}):
+            opts = {"depth": 3, "head_mode": head_mode, **kw}
+            got = ex.pyramid(ex.run(x, depth=3), union=range(ex.classes), **opts)
+            fresh._head_cache.clear()
+            want = fresh.pyramid(fresh.run(x, depth=3), union=range(ex.classes), **opts)
+            assert got.to_json() == want.to_json() and got.head_best == want.head_best
+    kept = list(ex._head_cache.values())
+    assert len(kept) == (2 if head_mode == "weights" else 0)
+    for arrays in kept:
+        assert all(not a.flags.writeable for a in arrays)
