@@ -210,16 +210,17 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     indptr = np.searchsorted(src, np.arange(n + 1))
     share = _shares(src, lrel, n)
 
-    def children(k: np.ndarray, parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(class, link index) of every link out of each (class, parent) pair."""
+    def children(k: np.ndarray, parent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(class, link index) of every link out of each (class, parent) pair, and how
+        many links each pair has."""
         counts = indptr[parent + 1] - indptr[parent]
-        first = np.repeat(indptr[parent], counts)
-        ends = np.cumsum(counts)
-        return np.repeat(k, counts), first + np.arange(len(first)) - np.repeat(
-            ends - counts, counts
-        )
+        first = np.repeat(indptr[parent] - (np.cumsum(counts) - counts), counts)
+        return np.repeat(k, counts), first + np.arange(len(first)), counts
 
     layer_rank = np.unique(union.node_layer, return_inverse=True)[1]
+    # parents nearest the head first; small unsigned keys, which NumPy radix-sorts
+    top = layer_rank.max(initial=0)
+    nearer = (top - layer_rank).astype(np.min_scalar_type(top))
     total = np.zeros(n)
     step = max(1, FLOW_BLOCK // max(1, n))
     for lo in range(0, len(labels), step):
@@ -234,7 +235,7 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
         seen[k, at] = True
         expand_k, expand_at = [k], [at]
         for _ in range(pyr.depth - 2):
-            k_link, link = children(k, at)
+            k_link, link, _ = children(k, at)
             fresh = np.zeros(c * n, bool)  # a mask, not a sort: many links share a child
             fresh[k_link * n + dst[link]] = True
             key = np.flatnonzero(fresh & ~seen.reshape(-1))
@@ -243,16 +244,17 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
             expand_k.append(k)
             expand_at.append(at)
         k, at = np.concatenate(expand_k), np.concatenate(expand_at)
-        order = np.argsort(-layer_rank[at], kind="stable")  # parents nearest the head first
+        order = np.argsort(nearer[at], kind="stable")
         k, at = k[order], at[order]
-        bounds = np.flatnonzero(np.diff(layer_rank[at])) + 1
+        bounds = np.flatnonzero(np.diff(nearer[at])) + 1
         for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(at)]):
             kk, parent = k[a:b], at[a:b]
-            carries = f[kk, parent] != 0
-            kk, parent = kk[carries], parent[carries]
-            k_link, link = children(kk, parent)
-            carried = np.repeat(f[kk, parent], indptr[parent + 1] - indptr[parent])
-            np.add.at(f.reshape(-1), k_link * n + dst[link], carried * share[link])
+            carried = f[kk, parent]
+            carries = carried != 0
+            kk, parent, carried = kk[carries], parent[carries], carried[carries]
+            k_link, link, counts = children(kk, parent)
+            flows = np.repeat(carried, counts) * share[link]
+            np.add.at(f.reshape(-1), k_link * n + dst[link], flows)
         total += f.sum(axis=0)
     return union, total / len(labels)
 

@@ -70,6 +70,15 @@ class Pyramid:
 
     @cached_property
     def _links(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._steps_in_order():  # the runs are in (source, target) order: no global sort
+            runs = list(self._ordered_runs())
+            if not runs:
+                return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+            return (
+                np.concatenate([s for s, _, _, _ in runs]),
+                np.concatenate([t for _, t, _, _ in runs]),
+                np.concatenate([scores[pick] for _, _, scores, pick in runs]),
+            )
         src, dst, rel = [], [], []
         for b in self.blocks:
             s, t, r = b.expand()
@@ -285,6 +294,11 @@ class Pyramid:
                 s, t, r = self._links
                 yield s, t, r, np.arange(len(r))
             return
+        yield from self._ordered_runs()
+
+    def _ordered_runs(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """`_link_runs` when the steps are in order: each piece of a step expanded, sorted
+        by target within its parents only where it is not already."""
         n = np.int64(len(self.node_layer))
         for b in self.blocks:
             for lo, hi in b.pieces(RUN_LINKS):

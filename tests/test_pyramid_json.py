@@ -199,3 +199,24 @@ def test_pairs_scored_side_by_side_equal_those_scored_on_first_use(exported):
         for x, y in zip(a._kept, (b.row, b.channel, b.score)):
             assert np.array_equal(x, y)
     assert ahead.to_json() == lazy.to_json()
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [("residual", {"theta": 0.3}), ("x3d", {"theta": 0.0, "top_n": 3}), ("mfnet", {"theta": 0.5})],
+)
+def test_links_from_ordered_runs_equal_every_link_sorted_by_source_and_target(exported, name, kw):
+    """The flat links are the steps' runs put side by side (no global sort); they equal
+    every step's links expanded and sorted by (source, target) in one argsort."""
+    _, path = exported(name)
+    clip = np.random.default_rng(4).standard_normal(nets.CLIP).astype(np.float32)
+    p = Explainer(path, clip_shape=clip.shape).explain(clip, depth=4, **kw)
+    assert p._steps_in_order() and len(p.blocks) > 2
+    parts = [b.expand() for b in p.blocks]
+    s = p.node_of[np.concatenate([x[0] for x in parts])]
+    t = p.node_of[np.concatenate([x[1] for x in parts])]
+    r = np.concatenate([x[2] for x in parts])
+    order = np.lexsort((t, s))
+    assert len(order) > 50
+    for got, want in zip((p.link_source, p.link_target, p.link_relevance), (s, t, r), strict=True):
+        assert got.dtype == want.dtype and np.array_equal(got, want[order])
