@@ -24,7 +24,7 @@ per-tube min-max), upsampled to the clip; "weighted" multiplies each by its rele
 "contrast" is the weighted tube minus the mean of every label's weighted tube (the clip
 explained for each class: one forward, nine pyramids).
 
-    python benchmarks/quality.py [--models r3d x3d] [--clips 108] [--modes weights]
+    python benchmarks/quality.py [--models r3d x3d] [--clips 108] [--modes weights] [--depth 3]
 """
 
 from __future__ import annotations
@@ -390,6 +390,7 @@ def iter_models(folder: Path, names: list[str] | None) -> Iterator[Path]:
 
 
 def main() -> None:
+    global DEPTH
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -405,7 +406,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", type=Path, default=MODELS, help="folder of trained .onnx models")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--depth", type=int, default=DEPTH, help=f"pyramid depth (default {DEPTH})")
     args = ap.parse_args()
+    DEPTH = args.depth  # read by every function here at call time
     args.out.parent.mkdir(exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for path in iter_models(args.dir, args.models):
@@ -415,7 +418,7 @@ def main() -> None:
         ]
         grid = [(m, s) for m in args.modes for s in args.selections]
         per = bench_model(path, args.clips, curves, args.seed, grid, tuple(args.tubes))
-        results[path.stem] = {"clips": args.clips, "summary": summarise(per),
+        results[path.stem] = {"clips": args.clips, "depth": DEPTH, "summary": summarise(per),
                               "seconds": round(time.perf_counter() - t)}  # fmt: skip
         args.out.write_text(json.dumps(results, indent=1))
         print(f"{path.stem}: {time.perf_counter() - t:.0f} s")

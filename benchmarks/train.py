@@ -4,7 +4,7 @@ Every epoch draws fresh clips from ``cfp_onnx.synthetic.make_dataset`` (seeded b
 epoch), so the models never see a clip twice; validation uses its own seed. Everything
 follows from ``--seed``: data, initialisation, batch order.
 
-    python benchmarks/train.py --model r3d            # one of: r3d, i3d, x3d, resnext, keras_r3d
+    python benchmarks/train.py --model r3d            # one of: r3d, i3d, x3d, resnext, keras_r3d, r2plus1d
     python benchmarks/train.py --all
 
 Writes ``benchmarks/models/<name>.onnx`` (with layout, mean, std, frames, size and
@@ -57,6 +57,8 @@ CONFIGS = {
         Config("x3d", "x3d_m", "torch", width=0.25, depth=0.1, epochs=40, lr=5e-3),
         Config("i3d", "i3d", "torch", width=0.125, depth=0.5),
         Config("keras_r3d", "resnet50_3d", "keras", width=0.125, depth=0.25, epochs=20),
+        # a finer last conv map (10x10 at 160 px, stride 16) than the others' 3x3-4x4
+        Config("r2plus1d", "r2plus1d_18", "torch", width=0.125, depth=0.5, size=160),
     )
 }
 

@@ -36,7 +36,7 @@ from cfp_onnx.runtime import ort
 from tests.zoo_helpers import TORCH_REDUCED
 
 MODELS = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
-TRAINED = ("x3d", "r3d", "i3d", "resnext", "keras_r3d")
+TRAINED = ("x3d", "r3d", "i3d", "resnext", "keras_r3d", "r2plus1d")
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
