@@ -12,7 +12,12 @@ see the same machine. Peak memory is the process's VmHWM.
 Clips: N mp4 files of the synthetic action dataset at 320x240, ``--seconds`` long at 25
 fps (the size of a UCF-101 clip), sampled to the model's 16x112x112 when decoded.
 
+Modes (``--modes``): ``full`` and ``nodes`` are ``--clip-pyramids``; ``recommended`` is
+``nodes`` with the recommended selection (``--top-n 5 --theta 0``) and ``tube`` the same
+plus ``--class-tube pyramid`` (each clip's class_tube.npy).
+
     python benchmarks/bench_throughput.py [--clips 200] [--models demo,r50] [--rounds 2]
+    python benchmarks/bench_throughput.py --modes recommended,tube
 """
 
 from __future__ import annotations
@@ -74,14 +79,21 @@ def plain(model: str, paths: list[Path]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "clips": len(paths)}
 
 
-def batch(model: str, clip_dir: Path, n: int, out: Path, clip_pyramids: str) -> dict[str, float]:
+MODES = {
+    "full": ["--theta", str(THETA), "--clip-pyramids", "full"],
+    "nodes": ["--theta", str(THETA), "--clip-pyramids", "nodes"],
+    "recommended": ["--top-n", "5", "--theta", "0", "--clip-pyramids", "nodes"],
+    "tube": ["--top-n", "5", "--theta", "0", "--clip-pyramids", "nodes", "--class-tube", "pyramid"],
+}
+
+
+def batch(model: str, clip_dir: Path, n: int, out: Path, mode: str) -> dict[str, float]:
     """`cfp batch` itself (its parsing, process setup and engine), in this process."""
     from cfp_onnx.cli.main import main
 
     args = [
         "batch", model, "--clips", str(clip_dir), "--limit", str(n), "--out", str(out),
-        "--depth", str(DEPTH), "--theta", str(THETA), "--clip-pyramids", clip_pyramids,
-        "--no-progress",
+        "--depth", str(DEPTH), *MODES[mode], "--no-progress",
     ]  # fmt: skip
     start = time.perf_counter()
     code = main(args)
@@ -135,7 +147,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="length of each generated clip")
     p.add_argument("--models", default="demo,r50")
     p.add_argument("--rounds", type=int, default=2, help="alternating plain/batch pairs")
-    p.add_argument("--modes", default="full,nodes", help="--clip-pyramids modes to time")
+    p.add_argument("--modes", default="full,nodes", help=f"modes to time: {','.join(MODES)}")
     p.add_argument("--full-clips", type=int, default=20, help="clips for r50 in full mode")
     p.add_argument("--keep", type=Path, help="keep clips and models in this folder")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -266,19 +266,21 @@ class Explainer:
         out = self.session(taps).run(arr, [t.name for t in taps])
         return self._run_of(out, taps, depth, full, 0)
 
-    def run_many(self, clips: Sequence[np.ndarray], *, depth: int = 3) -> list[Run]:
+    def run_many(
+        self, clips: Sequence[np.ndarray], *, depth: int = 3, full: tuple[str, ...] = ()
+    ) -> list[Run]:
         """The runs of several clips from one batched forward, where the model's batch axis
         is dynamic: each equals the clip's own `run` (the caller checks it, see
         ``cfp_onnx.batch``). Raises ModelError when the graph cannot run a batch (a
         reshape that fixes it to 1, say)."""
         if len(clips) == 1 or not self.batchable:
-            return [self.run(c, depth=depth) for c in clips]
+            return [self.run(c, depth=depth, full=full) for c in clips]
         arrs = [self.prepare_clip(c) for c in clips]
-        taps = self._checked_taps(depth, (), len(arrs))
+        taps = self._checked_taps(depth, full, len(arrs))
         out = self.session(taps).run(np.concatenate(arrs), [t.name for t in taps])
         if any(len(v) != len(arrs) for v in out.values()):
             raise ModelError(f"a batch of {len(arrs)} clips gives outputs of another batch")
-        return [self._run_of(out, taps, depth, (), i) for i in range(len(arrs))]
+        return [self._run_of(out, taps, depth, full, i) for i in range(len(arrs))]
 
     @cached_property
     def batchable(self) -> bool:

@@ -4,7 +4,9 @@ The output folder is the run's state, so a run can be stopped and resumed:
 
 - ``clips/<clip-id>/`` holds ``nodes.npz`` (the pyramid's kernels: layer, channel,
   depth, relevance), ``pyramid.json`` (SPEC §5; not with ``clip_pyramids="nodes"``,
-  which a dataset of ResNets needs: theirs are ~100 MB a clip) and ``clip.json`` (source,
+  which a dataset of ResNets needs: theirs are ~100 MB a clip), with ``class_tube`` the
+  clip's ``class_tube.npy`` (float32 ``[T, H, W]``, as ``cfp explain`` writes it) and
+  ``clip.json`` (source,
   labels, score, link count, and the size and sha256 of each file); each folder appears
   whole (staged, then renamed), and a clip whose files are intact is done: a re-run skips
   it. A damaged clip (a file missing, truncated or changed since) is redone: by size when
@@ -39,14 +41,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from cfp_onnx import faithfulness
+from cfp_onnx import classtube, faithfulness
 from cfp_onnx.api import Explainer, Run
 from cfp_onnx.digest import file_digest
 from cfp_onnx.errors import CfpError, OptionError, OutputError
 from cfp_onnx.loading import LoadedModel, load_model
 from cfp_onnx.modelinfo import class_names
 from cfp_onnx.modelinput import ModelInput
-from cfp_onnx.options import ClipOptions, PyramidOptions
+from cfp_onnx.options import CLASS_TUBES, ClipOptions, PyramidOptions
 from cfp_onnx.outputs import guard, staged_dir, write_file
 from cfp_onnx.provenance import KernelSpace
 from cfp_onnx.pyramid import Pyramid
@@ -94,6 +96,7 @@ class BatchOptions:
     label: str | int = "predicted"
     faithfulness: int = 0  # random draws of the faithfulness check; 0: no check
     clip_pyramids: str = "full"  # "full": each clip's pyramid.json too; "nodes": its kernels
+    class_tube: str | None = None  # a class tube of this kind per clip (class_tube.npy)
 
     def check(self) -> None:
         """Raises OptionError for an option outside the method's range."""
@@ -102,6 +105,8 @@ class BatchOptions:
             raise OptionError(
                 f"--clip-pyramids {self.clip_pyramids!r}: choose {' or '.join(CLIP_PYRAMIDS)}"
             )
+        if self.class_tube is not None and self.class_tube not in CLASS_TUBES:
+            raise OptionError(f"--class-tube {self.class_tube!r}: choose {', '.join(CLASS_TUBES)}")
         if not isinstance(self.faithfulness, int) or self.faithfulness < 0:
             raise OptionError(f"--faithfulness-draws must be >= 1 (got {self.faithfulness!r})")
         if isinstance(self.label, str) and self.label not in LABEL_MODES:
@@ -130,6 +135,8 @@ class BatchOptions:
             doc["faithfulness"] = self.faithfulness
         if self.clip_pyramids != "full":  # absent when full: what every older batch wrote
             doc["clip_pyramids"] = self.clip_pyramids
+        if self.class_tube is not None:  # absent without one, as in older batches
+            doc["class_tube"] = self.class_tube
         return doc
 
 
@@ -274,6 +281,7 @@ class ClipResult:
     nodes: Nodes
     pyramid: Pyramid | bytes | None = None
     faithfulness_json: str | None = None
+    class_tube: np.ndarray | None = None  # float32 [T, H, W], with ``options.class_tube``
 
     def portable(self) -> ClipResult:
         """This result as plain data, to cross a process boundary (a Ray actor's)."""
@@ -320,15 +328,26 @@ class ClipWorker:
     def decode(self, task: ClipTask) -> np.ndarray:
         """The clip as a model input tensor, through ModelInput (raises ClipError).
         Safe from several threads at once (a pool of decoders)."""
-        mi = self.model_input
-        if mi is None:
-            mi = self.model_input = ModelInput.of(self.loaded, self.spec.decoding)
-        return mi.clip(task.path, self.loaded).tensor
+        return self.input().clip(task.path, self.loaded).tensor
+
+    def input(self) -> ModelInput:
+        """The model's input layout and preprocessing, worked out on first use."""
+        if self.model_input is None:
+            self.model_input = ModelInput.of(self.loaded, self.spec.decoding)
+        return self.model_input
 
     def explain(self, task: ClipTask, clip: np.ndarray) -> ClipResult:
         """One forward and the pyramid: its kernels, and the pyramid itself if kept."""
         ex = self.explainer_for(clip)
-        return self._result(ex, task, clip, ex.run(clip, depth=self.spec.options.depth))
+        return self._result(ex, task, clip, ex.run(clip, depth=self.depth, full=self.full(ex)))
+
+    @property
+    def depth(self) -> int:
+        return self.spec.options.depth
+
+    def full(self, ex: Explainer) -> tuple[str, ...]:
+        """The full maps each run keeps: what the class tube reads, if one is asked for."""
+        return classtube.tensors(ex, self.spec.options.class_tube, self.depth)
 
     def explain_many(self, items: Sequence[tuple[ClipTask, np.ndarray]]) -> list[Outcome]:
         """Several clips through one batched forward where the model's batch is dynamic,
@@ -347,13 +366,13 @@ class ClipWorker:
         is redone clip by clip, so the error is that clip's alone.
         """
         ex = self.explainer_for(items[0][1])
-        depth = self.spec.options.depth
+        depth, full = self.depth, self.full(ex)
         if len(items) == 1 or not ex.batchable or self.batching is False:
             return [self._run(ex, task, clip) for task, clip in items]
         try:
-            runs = ex.run_many([clip for _, clip in items], depth=depth)
+            runs = ex.run_many([clip for _, clip in items], depth=depth, full=full)
             if self.batching is None:  # the first batch: checked against single runs
-                alone = [ex.run(clip, depth=depth) for _, clip in items]
+                alone = [ex.run(clip, depth=depth, full=full) for _, clip in items]
                 self.batching = all(map(_same_run, runs, alone))
                 if not self.batching:
                     log.info("batched forwards differ from single ones here: clips run alone")
@@ -374,7 +393,7 @@ class ClipWorker:
         self, ex: Explainer, task: ClipTask, clip: np.ndarray
     ) -> tuple[ClipTask, np.ndarray, Run] | ClipFailure:
         try:
-            return task, clip, ex.run(clip, depth=self.spec.options.depth)
+            return task, clip, ex.run(clip, depth=self.depth, full=self.full(ex))
         except CfpError as exc:
             return ClipFailure(task.id, str(exc))
 
@@ -384,13 +403,16 @@ class ClipWorker:
         pyr = ex.pyramid(
             run, opts.pyramid(opts.label_for(task)), class_names=self.names, count_links=not full
         )
-        faith = None
+        faith = tube = None
         if opts.faithfulness:
             f = faithfulness.check(ex, clip, pyr, draws=opts.faithfulness)
             faith = json.dumps(f.to_dict()) if f is not None else None
+        if opts.class_tube is not None:
+            size = self.input().clip_size(clip)
+            tube = classtube.class_tube(ex, run, pyr, size, opts.class_tube)
         return ClipResult(
             task.id, task.path, int(np.argmax(run.logits)), task.label, pyr.label, pyr.score,
-            None if full else pyr.n_links, Nodes.of(pyr), pyr if full else None, faith,
+            None if full else pyr.n_links, Nodes.of(pyr), pyr if full else None, faith, tube,
         )  # fmt: skip
 
     def __call__(self, task: ClipTask) -> Outcome:
@@ -421,6 +443,8 @@ def _same_run(a: Run, b: Run) -> bool:
         and _same(a.features, b.features)
         and a.pooled.keys() == b.pooled.keys()
         and all(_same(to_numpy(a.pooled[k]), to_numpy(b.pooled[k])) for k in a.pooled)
+        and a.full.keys() == b.full.keys()
+        and all(_same(to_numpy(a.full[k]), to_numpy(b.full[k])) for k in a.full)
     )
 
 
@@ -464,13 +488,15 @@ class _Hashing:
 
 def write_clip(out: Path, result: ClipResult) -> None:
     """Write one clip's folder atomically: ``nodes.npz``, ``pyramid.json`` if kept, any
-    ``faithfulness.json``, then ``clip.json`` recording every file's size and sha256."""
+    ``faithfulness.json`` and ``class_tube.npy``, then ``clip.json`` recording every file's
+    size and sha256."""
     with staged_dir(clip_dir(out, result.id), overwrite=True, mark={"clip": result.id}) as tmp:
         files = {}
         for name, body in (
             (NODES, result.nodes.to_bytes()),
             ("pyramid.json", result.pyramid),
             ("faithfulness.json", result.faithfulness_json),
+            ("class_tube.npy", result.class_tube),
         ):
             if body is None:
                 continue
@@ -478,6 +504,8 @@ def write_clip(out: Path, result: ClipResult) -> None:
                 h = _Hashing(fh)
                 if isinstance(body, Pyramid):
                     body.write_json(h)  # type: ignore[arg-type]
+                elif isinstance(body, np.ndarray):
+                    np.save(h, body, allow_pickle=False)  # type: ignore[arg-type]
                 else:
                     h.write(body.encode() if isinstance(body, str) else body)
             files[name] = h.record()
@@ -522,7 +550,7 @@ def prepare_out(out: Path, manifest: dict[str, Any], *, overwrite: bool) -> None
                 "batch again"
             ) from None
         if old != manifest:
-            diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+            diff = sorted(k for k in {*old, *manifest} if old.get(k) != manifest.get(k))
             raise OutputError(
                 f"--out {str(out)!r} holds a run with other {', '.join(diff)}; "
                 "pass --overwrite to start again, or use the same options to resume"

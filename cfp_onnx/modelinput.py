@@ -53,6 +53,11 @@ class ModelInput:
         """The time axis of the model input (batch axis first)."""
         return 2 if self.layout == "NCDHW" else 1
 
+    def clip_size(self, tensor: np.ndarray) -> tuple[int, int, int]:
+        """``(T, H, W)`` of a model input tensor (batch axis first): a tube's size."""
+        t = self.time_axis
+        return int(tensor.shape[t]), int(tensor.shape[t + 1]), int(tensor.shape[t + 2])
+
     def clip(self, source: Any, loaded: LoadedModel, limit: MemoryLimit | None = None) -> Clip:
         """One clip from a Clip, an array (the model's layout, batch axis optional) or a file.
 

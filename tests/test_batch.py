@@ -410,6 +410,47 @@ def test_faithfulness_per_clip_equals_the_single_clip_check(data: Path, tmp_path
     assert "faithfulness" not in BatchOptions().to_dict()  # older batches resume unchanged
 
 
+@pytest.mark.parametrize("kind", ["pyramid", "contrast"])
+def test_class_tube_per_clip_equals_explains(data: Path, tmp_path: Path, kind: str) -> None:
+    """Each clip's class_tube.npy is the tube `cfp explain`'s API gives the clip alone
+    (float32, T x H x W, bit for bit), recorded with its hash; a batch without a tube, or
+    with another kind, does not resume this one."""
+    import hashlib
+
+    from cfp_onnx.explanation import explain
+    from cfp_onnx.modelinput import ModelInput
+    from cfp_onnx.options import PyramidOptions, ViewOptions
+
+    out = tmp_path / "out"
+    tasks = tasks_from(data / "clips")[:3]
+    opts = BatchOptions(theta=0.0, top_n=2, class_tube=kind)
+    model = str(data / "tiny.onnx")
+    run_batch(WorkerSpec(model, opts), tasks, out, engine=LocalEngine())
+    ex = Explainer(model, clip_shape=(1, 3, FRAMES, SIZE, SIZE))
+    mi = ModelInput.of(ex.loaded)
+    view = ViewOptions(report=False, class_tube=kind)
+    for task in tasks:
+        want = explain(ex, task.path, mi, PyramidOptions(theta=0.0, top_n=2), view).class_tube
+        folder = out / "clips" / task.id
+        got = np.load(folder / "class_tube.npy")
+        assert want is not None and got.dtype == np.float32 and got.shape == (FRAMES, SIZE, SIZE)
+        assert np.array_equal(got, want) and np.abs(got).max() > 0
+        record = json.loads((folder / "clip.json").read_text())["files"]["class_tube.npy"]
+        body = (folder / "class_tube.npy").read_bytes()
+        assert record == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert json.loads((out / "batch.json").read_text())["class_tube"] == kind
+    assert "class_tube" not in BatchOptions().to_dict()  # older batches resume unchanged
+    for other in (None, "weighted"):  # the option named whether it is absent or differs
+        with pytest.raises(OutputError, match="holds a run with other class_tube;"):
+            opts = BatchOptions(theta=0.0, top_n=2, class_tube=other)
+            run_batch(WorkerSpec(model, opts), tasks, out, engine=LocalEngine())
+
+
+def test_an_unknown_class_tube_is_an_option_error() -> None:
+    with pytest.raises(OptionError, match="--class-tube 'sharp': choose weighted"):
+        BatchOptions(class_tube="sharp").check()
+
+
 # --------------------------------------------------------------------------- kernels only
 
 
@@ -529,16 +570,17 @@ def count_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("mode", ["full", "nodes"])
+@pytest.mark.parametrize(("mode", "tube"), [("full", None), ("nodes", None), ("nodes", "pyramid")])
 def test_batched_forwards_give_each_clip_its_own_pyramid(
     data: Path, dynamic: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    mode: str,
+    mode: str, tube: str | None,
 ) -> None:  # fmt: skip
     """Clips of a dynamic-batch model share forwards of 4 (checked once against single
-    runs), and every file equals the one-clip-at-a-time run's, byte for byte."""
+    runs), and every file equals the one-clip-at-a-time run's, byte for byte (a class
+    tube's full maps too)."""
     sizes = count_runs(monkeypatch)
     tasks = tasks_from(data / "clips")
-    opts = BatchOptions(theta=0.5, clip_pyramids=mode)
+    opts = BatchOptions(theta=0.5, clip_pyramids=mode, class_tube=tube)
     batched = run_batch(
         WorkerSpec(str(dynamic), opts), tasks, tmp_path / "b", engine=LocalEngine(batch=4)
     )
@@ -549,6 +591,7 @@ def test_batched_forwards_give_each_clip_its_own_pyramid(
     assert alone.done == len(tasks)
     got, want = tree(tmp_path / "b"), tree(tmp_path / "one")
     assert got.keys() == want.keys()
+    assert any(k.endswith("class_tube.npy") for k in got) == (tube is not None)
     assert {k: v for k, v in got.items() if k != "batch.json"} == {
         k: v for k, v in want.items() if k != "batch.json"
     }
@@ -560,16 +603,22 @@ def test_batched_forwards_give_each_clip_its_own_pyramid(
             )
 
 
+@pytest.mark.parametrize("tube", [None, "pyramid"])
 def test_batching_that_changes_a_run_is_turned_off(
-    data: Path, dynamic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data: Path, dynamic: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tube: str | None
 ) -> None:
-    """A graph whose batched results differ (faked: one logit nudged) is found on the
-    first batch; from then on clips run alone and the results are the single runs'."""
+    """A graph whose batched results differ (faked: one logit nudged or, with a class
+    tube, one value of a full map it reads) is found on the first batch; from then on
+    clips run alone and the results are the single runs'."""
     real = Explainer.run_many
 
-    def drifting(self, clips, *, depth=3):  # type: ignore[no-untyped-def]
-        runs = real(self, clips, depth=depth)
-        runs[1].logits[0] += 1e-9
+    def drifting(self, clips, *, depth=3, full=()):  # type: ignore[no-untyped-def]
+        runs = real(self, clips, depth=depth, full=full)
+        if tube is None:
+            runs[1].logits[0] += 1e-9
+        else:
+            m = next(iter(runs[1].full.values()))
+            m.flat[0] = np.nextafter(m.flat[0], np.inf)
         return runs
 
     monkeypatch.setattr(Explainer, "run_many", drifting)
@@ -582,7 +631,7 @@ def test_batching_that_changes_a_run_is_turned_off(
             worker = first
             yield from super().results(spec, tasks, first)
 
-    opts = BatchOptions(theta=0.5)
+    opts = BatchOptions(theta=0.5, class_tube=tube)
     run_batch(WorkerSpec(str(dynamic), opts), tasks, tmp_path / "b", engine=Spy(batch=4))
     assert worker is not None and worker.batching is False
     run_batch(WorkerSpec(str(dynamic), opts), tasks, tmp_path / "one", engine=LocalEngine(batch=1))

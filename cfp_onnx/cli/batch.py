@@ -3,8 +3,8 @@
 --clips is a folder (every .npy, video and frame folder in it, natural name order) or a
 CSV list with a 'clip' column (paths relative to the CSV), an optional 'label' column
 (class index or name; needed by --label true) and an optional 'id' column. Writes
-OUT/clips/<clip-id>/nodes.npz, pyramid.json (SPEC §5; not with --clip-pyramids nodes)
-and clip.json, OUT/classes/<label>/
+OUT/clips/<clip-id>/nodes.npz, pyramid.json (SPEC §5; not with --clip-pyramids nodes),
+class_tube.npy (with --class-tube) and clip.json, OUT/classes/<label>/
 class_pyramid.json and report.html (per kernel: share of the class's clips holding it,
 mean relevance over those, smallest depth), and OUT/summary.csv. Each clip's folder
 appears whole; a re-run skips finished clips, then rebuilds the class pyramids and the
@@ -41,7 +41,7 @@ from cfp_onnx.engines import ENGINES, make_engine
 from cfp_onnx.errors import OptionError
 from cfp_onnx.loading import load_model
 from cfp_onnx.modelinfo import class_names
-from cfp_onnx.options import DRAWS, HEAD_MODES, LAYOUTS, SAMPLINGS
+from cfp_onnx.options import CLASS_TUBES, DRAWS, HEAD_MODES, LAYOUTS, SAMPLINGS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,6 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     y.add_argument(
         "--faithfulness-draws", type=_int("faithfulness-draws"), metavar="N",
         help=f"random kernel sets per clip (default {DRAWS}; implies --faithfulness)",
+    )  # fmt: skip
+    y.add_argument(
+        "--class-tube", choices=CLASS_TUBES, metavar="KIND",
+        help="each clip's class tube too (class_tube.npy: signed, T x H x W): 'weighted', "
+        "'contrast' or 'pyramid' (recommended, with --top-n 5 --theta 0)",
     )  # fmt: skip
     o = p.add_argument_group("output and engine")
     o.add_argument("--out", default="cfp_batch", help="output folder (default ./cfp_batch)")
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     options = BatchOptions(
         depth=args.depth, theta=args.theta, top_n=args.top_n, head_mode=args.head_mode,
         label=parse_label(args.label), faithfulness=faithfulness_draws(args),
-        clip_pyramids=args.clip_pyramids,
+        clip_pyramids=args.clip_pyramids, class_tube=args.class_tube,
     )  # fmt: skip
     options.check()
     if args.limit is not None and args.limit < 1:
