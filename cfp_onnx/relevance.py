@@ -221,11 +221,11 @@ def best_and_pairs(
     top_n: int,
     count: bool = False,
 ) -> tuple[Array, Array | None, tuple[Array, Array, Array]]:
-    """`column_best` and `kept_pairs` of a top_n step from one score matrix and one
-    selection. The selection is most of a top_n step's cost, and its pairs (top_n a row at
-    most) are few: the column maxima and counts are taken from them, not from the matrix,
-    and they are small enough to hold until the links are written."""
-    pairs = back_step(xp, kbar, group, js, a, theta, top_n).kept(xp)
+    """`column_best` and `kept_pairs` of a top_n step from one scoring and one selection,
+    a block of rows at a time. The selection is most of a top_n step's cost, and its pairs
+    (top_n a row at most) are few: the column maxima and counts are taken from them, not
+    from the matrix, and they are small enough to hold until the links are written."""
+    pairs = kept_pairs(xp, kbar, group, js, a, theta, top_n)
     _, channel, score = pairs
     best = xp.full(len(a), -xp.inf)
     if xp is np:

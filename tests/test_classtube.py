@@ -179,10 +179,13 @@ def test_pyramid_tube_needs_the_layer_outputs(explained):
 
 @pytest.mark.parametrize("net", ["residual", "x3d", "mfnet"])
 @pytest.mark.parametrize(("depth", "theta", "top_n"), [(3, 0.0, 2), (4, 0.5, None), (5, 0.0, 3)])
+@pytest.mark.parametrize("block", [classtube.FLOW_BLOCK, 1])  # 1: a block per class
 def test_mean_flow_over_the_union_equals_every_class_pyramid_built_alone(
-    exported, net, depth, theta, top_n
+    exported, net, depth, theta, top_n, block, monkeypatch
 ):
     from tests import nets
+
+    monkeypatch.setattr(classtube, "FLOW_BLOCK", block)
 
     _, path = exported(net)
     x = np.random.default_rng(5).normal(size=nets.CLIP).astype(np.float32)
