@@ -89,7 +89,7 @@ class Step:
 
     def kept(self, xp: ModuleType, keep: Array | None = None) -> tuple[Array, Array, Array]:
         """(row, input channel, r') of every kept pair (`keep`: the step's mask, if made)."""
-        row, m = xp.nonzero(self.keep(xp) if keep is None else keep)
+        row, m = _nonzero_2d(xp, self.keep(xp) if keep is None else keep)
         return row, self.q[row] * self.per_group + m, self.score[row, m]
 
     def column_max(
@@ -123,6 +123,13 @@ class Step:
         cols = self.q[starts][:, None] * self.per_group + xp.arange(self.per_group)[None, :]
         out[cols] = xp.where(seg >= self.theta, seg, -xp.inf)
         return out, kept
+
+
+def _nonzero_2d(xp: ModuleType, mask: Array) -> tuple[Array, Array]:
+    """``xp.nonzero`` of a 2-D mask, from its flat indices (row-major, the same order):
+    NumPy's 2-D nonzero is ~7x slower than a flat one and a division."""
+    flat = xp.flatnonzero(mask)
+    return flat // mask.shape[1], flat % mask.shape[1]
 
 
 def _segment_max(xp: ModuleType, scores: Array, starts: Array) -> Array:
@@ -254,16 +261,65 @@ def kept_pairs(
     blocks of rows give the same pairs, element by element, holding one block at a time.
     """
     step = max(1, BLOCK // kbar.shape[1])
+    fast = top_n is not None and top_n < kbar.shape[1]
     parts = []
     for start in range(0, len(js), step):
-        row, channel, score = back_step(
-            xp, kbar, group, js[start : start + step], a, theta, top_n
-        ).kept(xp)
+        rows = js[start : start + step]
+        if fast:
+            row, channel, score = top_pairs(xp, kbar, group, rows, a, theta, int(top_n or 0))
+        else:
+            row, channel, score = back_step(xp, kbar, group, rows, a, theta, top_n).kept(xp)
         parts.append((row + start, channel, score))
     if not parts:
         return xp.zeros(0, xp.int64), xp.zeros(0, xp.int64), xp.zeros(0)
     row, channel, score = (xp.concatenate(x) for x in zip(*parts))
     return row, channel, score
+
+
+def top_pairs(
+    xp: ModuleType, kbar: Array, group: int, js: Array, a: Array, theta: float, top_n: int
+) -> tuple[Array, Array, Array]:
+    """``back_step(...).kept(xp)`` of a top_n step (top_n < inputs a row), normalising
+    only what it keeps: 2-4x faster than the dense step, and the same pairs and values.
+
+    Normalising a row, ``(r - lo) / span`` in float64, is monotone, so a row's n-th
+    largest r' is the n-th largest raw product's image. Take the (n+1)-th largest raw
+    product R; if its image is below the n-th's (or the n-th is below theta), the kept
+    pairs are exactly the raw products above R whose r' reaches theta, with no tie at the
+    cut for the index rule to settle. Rows where rounding makes the cut a tie, and flat
+    rows, go through the dense step (`select`), as do all rows of a kernel that keeps
+    every input.
+    """
+    c_out, per_group = kbar.shape
+    acts = a[None, :] if group == 1 else a.reshape(group, per_group)[js // (c_out // group)]
+    rows = kbar[js] if not _is_run(js) else kbar[int(js[0]) : int(js[0]) + len(js)]
+    r = xp.multiply(rows, acts, dtype=xp.float64)
+    lo = r.min(axis=1)
+    at = per_group - top_n - 1  # ascending: the (n+1)-th largest sits here
+    part = xp.partition(r, at, axis=1)
+    below, nth = part[:, at], part[:, at + 1 :].min(axis=1)
+    span = part[:, at + 1 :].max(axis=1) - lo
+    flat = span <= 0
+    span = xp.where(flat, 1.0, span)
+    cut = (nth - lo) / span
+    fast = ~flat & (((below - lo) / span < cut) | (cut < theta))
+    row, m = _nonzero_2d(xp, (r > below[:, None]) & fast[:, None])
+    score = (r[row, m] - lo[row]) / span[row]
+    keep = score >= theta
+    row, m, score = row[keep], m[keep], score[keep]
+    q = js // (c_out // group)
+    pairs = (row, q[row] * per_group + m, score)
+    if bool(fast.all()):
+        return pairs
+    slow = xp.flatnonzero(~fast)
+    s_row, s_channel, s_score = back_step(xp, kbar, group, js[slow], a, theta, top_n).kept(xp)
+    row = xp.concatenate([row, slow[s_row]])
+    order = xp.argsort(row, kind="stable")  # rows ascending; each part's rows keep order
+    return (
+        row[order],
+        xp.concatenate([pairs[1], s_channel])[order],
+        xp.concatenate([score, s_score])[order],
+    )
 
 
 def to_host(a: Array) -> Any:

@@ -1,12 +1,21 @@
-"""Channel selection (SPEC §3, §4): the partition-based top-n equals a stable sort's, and a
-step's kept pairs scored a block of rows at a time equal the whole matrix's."""
+"""Channel selection (SPEC §3, §4): the partition-based top-n equals a stable sort's, a
+step's kept pairs scored a block of rows at a time equal the whole matrix's, and a top-n
+step selected on raw products (`top_pairs`) equals the one selected on normalised r'."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cfp_onnx.relevance import back_step, best_and_pairs, column_best, kept_pairs, select
+from cfp_onnx.relevance import (
+    back_step,
+    best_and_pairs,
+    column_best,
+    kept_pairs,
+    scores,
+    select,
+    top_pairs,
+)
 
 
 def sorted_select(scores: np.ndarray, theta: float, top_n: int | None) -> np.ndarray:
@@ -85,3 +94,62 @@ def test_a_top_n_step_from_its_pairs_equals_the_dense_step(
     assert np.isinf(best).any() and np.isfinite(best).any()
     for w, g in zip(kept_pairs(np, kbar, group, js, a, theta, 5), pairs, strict=True):
         assert w.dtype == g.dtype and np.array_equal(w, g)
+
+
+def sorted_pairs(
+    kbar: np.ndarray, group: int, js: np.ndarray, a: np.ndarray, theta: float, top_n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reference: every r' normalised (SPEC §3), kept by the stable sort, row by row."""
+    r = scores(np, kbar, group, js, a)
+    row, m = np.nonzero(sorted_select(r, theta, top_n))
+    q = js // (kbar.shape[0] // group)
+    return row, q[row] * kbar.shape[1] + m, r[row, m]
+
+
+def rounding_tie_row() -> np.ndarray:
+    """Distinct raw products whose r' round to one value: far above a large negative
+    minimum, adjacent doubles collapse when the minimum is subtracted. The largest raw
+    values sit at the highest indices, so selecting on raw values would pick them and the
+    index rule the lowest."""
+    close = [1.0]
+    for _ in range(12):
+        close.append(float(np.nextafter(close[-1], 2.0)))
+    return np.array([-1000.0, 5.0, *close])
+
+
+def test_a_rounding_tie_is_settled_by_the_lower_index() -> None:
+    kbar = rounding_tie_row()[None, :]
+    a = np.ones(kbar.shape[1])
+    r = scores(np, kbar, 1, np.array([0]), a)
+    assert len(np.unique(kbar)) == kbar.shape[1] and len(np.unique(r)) < 4  # the premise
+    for top_n in (2, 3, 5):
+        raw_top = np.sort(np.argsort(-kbar[0], kind="stable")[:top_n])
+        row, channel, score = top_pairs(np, kbar, 1, np.array([0]), a, 0.0, top_n)
+        assert channel.tolist() == list(range(1, top_n + 1)) != raw_top.tolist()
+        assert np.array_equal(score, r[0, 1 : top_n + 1])
+
+
+@pytest.mark.parametrize("kind", ["distinct", "raw ties", "rounding ties", "flat"])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_pairs_equal_the_sorted_selection_of_normalised_scores(kind, group, dtype) -> None:
+    rng = np.random.default_rng(len(kind) * 10 + group)
+    c_out, per_group = 48, 15
+    if kind == "distinct":
+        kbar = rng.normal(size=(c_out, per_group))
+    elif kind == "raw ties":
+        kbar = rng.integers(-2, 3, size=(c_out, per_group)).astype(float)
+    elif kind == "rounding ties":
+        kbar = np.stack([rng.permutation(rounding_tie_row()[:per_group]) for _ in range(c_out)])
+    else:
+        kbar = np.full((c_out, per_group), 0.25)
+    kbar = kbar.astype(dtype)
+    a = rng.random(per_group * group) if kind != "rounding ties" else np.ones(per_group * group)
+    a[:2] = 0.0  # inputs no kernel can prefer
+    js = np.sort(rng.choice(c_out, size=30, replace=False))
+    for theta in (0.0, 0.3, 0.6, 1.0):
+        for top_n in (1, 2, 5, per_group - 1):
+            want = sorted_pairs(kbar, group, js, a, theta, top_n)
+            got = top_pairs(np, kbar, group, js, a, theta, top_n)
+            for w, g in zip(want, got, strict=True):
+                assert w.dtype == g.dtype and np.array_equal(w, g), (theta, top_n)
