@@ -197,9 +197,14 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
 
     Exact without building K pyramids: a back-step depends on the kernel alone, so each
     class's pyramid is the part of the union that its own depth-0 kernels reach within
-    its depth, and its links are the union's links of the kernels it expands. Depths and
-    flows are propagated for (class, kernel) pairs, sparse (with ``top_n`` a class
-    reaches a few hundred kernels of the union's thousands), a parent layer at a time.
+    its depth, and its links are the union's links of the kernels it expands. A flow is
+    linear: a node's flow summed over classes is the head's share plus, over every link
+    (p, c), ``r(p, c) / sum r(p, .)`` times ``G[p]``, the flow p carries summed over the
+    classes that expand it. Per class, only the flow of the kernels it expands (depth at
+    most D-2) is needed, so only links into nodes within depth D-2 of the union are
+    followed per (class, kernel) pair, sparse (with ``top_n`` a class reaches a few
+    hundred kernels of the union's thousands), a parent layer at a time; every other
+    link is one pass over the union's links, for all classes at once.
     """
     labels = list(range(ex.classes))
     opts = PyramidOptions(depth=pyr.depth, theta=pyr.theta, top_n=pyr.top_n,
@@ -209,12 +214,16 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     node = union.node_of[kid]
     n = len(union.node_layer)
     src, dst, lrel = union.link_source, union.link_target, union.link_relevance  # by source
-    indptr = np.searchsorted(src, np.arange(n + 1))
     share = _shares(src, lrel, n)
+    # A class expands a kernel only within depth D-2 of its head, and its depth is never
+    # below the union's: only links into such kernels can carry what a class expands.
+    inner = union.node_depth[dst] <= pyr.depth - 2
+    i_dst, i_share = dst[inner], share[inner]
+    indptr = np.searchsorted(src[inner], np.arange(n + 1))
 
     def children(k: np.ndarray, parent: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(class, link index) of every link out of each (class, parent) pair, and how
-        many links each pair has."""
+        """(class, inner link index) of every inner link out of each (class, parent)
+        pair, and how many each pair has."""
         counts = indptr[parent + 1] - indptr[parent]
         first = np.repeat(indptr[parent] - (np.cumsum(counts) - counts), counts)
         return np.repeat(k, counts), first + np.arange(len(first)), counts
@@ -223,7 +232,7 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     # parents nearest the head first; small unsigned keys, which NumPy radix-sorts
     top = layer_rank.max(initial=0)
     nearer = (top - layer_rank).astype(np.min_scalar_type(top))
-    total = np.zeros(n)
+    carried_by = np.zeros(n)  # G: per node, what it carries summed over classes expanding it
     step = max(1, FLOW_BLOCK // max(1, n))
     for lo in range(0, len(labels), step):
         pick = (row >= lo) & (row < lo + step)
@@ -239,7 +248,7 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
         for _ in range(pyr.depth - 2):
             k_link, link, _ = children(k, at)
             fresh = np.zeros(c * n, bool)  # a mask, not a sort: many links share a child
-            fresh[k_link * n + dst[link]] = True
+            fresh[k_link * n + i_dst[link]] = True
             key = np.flatnonzero(fresh & ~seen.reshape(-1))
             seen.reshape(-1)[key] = True
             k, at = key // n, key % n
@@ -254,10 +263,12 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
             carried = f[kk, parent]
             carries = carried != 0
             kk, parent, carried = kk[carries], parent[carries], carried[carries]
+            carried_by += np.bincount(parent, weights=carried, minlength=n)
             k_link, link, counts = children(kk, parent)
-            flows = np.repeat(carried, counts) * share[link]
-            np.add.at(f.reshape(-1), k_link * n + dst[link], flows)
-        total += f.sum(axis=0)
+            flows = np.repeat(carried, counts) * i_share[link]
+            np.add.at(f.reshape(-1), k_link * n + i_dst[link], flows)
+    total = np.bincount(node, weights=rel, minlength=n)  # the head's share, every class
+    total += np.bincount(dst, weights=carried_by[src] * share, minlength=n)
     return union, total / len(labels)
 
 

@@ -31,6 +31,7 @@ from cfp_onnx.relevance import (
     kept_pairs,
     max_per_key,
     max_per_pair,
+    nonzero_2d,
     select,
 )
 from cfp_onnx.xp import to_numpy
@@ -594,7 +595,7 @@ def head_kernels(
         scores = norm[xp.asarray(labels, dtype=xp.int64)]
     else:
         scores = xp.stack([head_scores(xp, w, f, int(k), options.head_mode, norm) for k in labels])
-    rows, feats = xp.nonzero(select(xp, scores, options.theta, options.top_n))
+    rows, feats = nonzero_2d(xp, select(xp, scores, options.theta, options.top_n))
     entry, kid = expand_csr(xp, inp.head_indptr, inp.head_kernels, feats)
     key, rel = max_per_key(xp, rows[entry] * inp.space.size + kid, scores[rows, feats][entry])
     return key // inp.space.size, key % inp.space.size, rel, scores.max(axis=1)
