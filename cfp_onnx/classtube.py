@@ -213,11 +213,12 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     row, kid, rel = ex.head_kernels(run, opts, labels)
     node = union.node_of[kid]
     n = len(union.node_layer)
-    src, dst, lrel = union.link_source, union.link_target, union.link_relevance  # by source
+    src, dst, lrel = union.links_unordered()
     share = _shares(src, lrel, n)
     # A class expands a kernel only within depth D-2 of its head, and its depth is never
     # below the union's: only links into such kernels can carry what a class expands.
-    inner = union.node_depth[dst] <= pyr.depth - 2
+    inner = np.flatnonzero(union.node_depth[dst] <= pyr.depth - 2)
+    inner = inner[np.argsort(src[inner], kind="stable")]  # by source
     i_dst, i_share = dst[inner], share[inner]
     indptr = np.searchsorted(src[inner], np.arange(n + 1))
 
