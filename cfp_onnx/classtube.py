@@ -233,9 +233,11 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     # parents nearest the head first; small unsigned keys, which NumPy radix-sorts
     top = layer_rank.max(initial=0)
     nearer = (top - layer_rank).astype(np.min_scalar_type(top))
-    carried_by = np.zeros(n)  # G: per node, what it carries summed over classes expanding it
     step = max(1, FLOW_BLOCK // max(1, n))
-    for lo in range(0, len(labels), step):
+
+    def block(lo: int) -> np.ndarray:
+        """G of classes ``lo:lo+step``: per node, the flow it carries summed over those
+        of them that expand it."""
         pick = (row >= lo) & (row < lo + step)
         c = min(step, len(labels) - lo)
         k, at = row[pick] - lo, node[pick]
@@ -262,12 +264,14 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
         for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(at)]):
             kk, parent = k[a:b], at[a:b]
             carried = f[kk, parent]
-            carries = carried != 0
-            kk, parent, carried = kk[carries], parent[carries], carried[carries]
-            carried_by += np.bincount(parent, weights=carried, minlength=n)
             k_link, link, counts = children(kk, parent)
             flows = np.repeat(carried, counts) * i_share[link]
             np.add.at(f.reshape(-1), k_link * n + i_dst[link], flows)
+        return np.bincount(at, weights=f[k, at], minlength=n)  # every pair's flow is final
+
+    # Blocks are independent, but on the CPU's thread pool they ran no faster (their
+    # arrays are small: the GIL and memory bound them).
+    carried_by = np.sum([block(lo) for lo in range(0, len(labels), step)], axis=0)
     total = np.bincount(node, weights=rel, minlength=n)  # the head's share, every class
     total += np.bincount(dst, weights=carried_by[src] * share, minlength=n)
     return union, total / len(labels)
