@@ -203,7 +203,7 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     classes that expand it. Per class, only the flow of the kernels it expands (depth at
     most D-2) is needed, so only links into nodes within depth D-2 of the union are
     followed per (class, kernel) pair, sparse (with ``top_n`` a class reaches a few
-    hundred kernels of the union's thousands), a parent layer at a time; every other
+    hundred kernels of the union's thousands), a wave at a time (`_waves`); every other
     link is one pass over the union's links, for all classes at once.
     """
     labels = list(range(ex.classes))
@@ -229,10 +229,7 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
         first = np.repeat(indptr[parent] - (np.cumsum(counts) - counts), counts)
         return np.repeat(k, counts), first + np.arange(len(first)), counts
 
-    layer_rank = np.unique(union.node_layer, return_inverse=True)[1]
-    # parents nearest the head first; small unsigned keys, which NumPy radix-sorts
-    top = layer_rank.max(initial=0)
-    nearer = (top - layer_rank).astype(np.min_scalar_type(top))
+    wave = _waves(union.node_layer, src[inner], i_dst, n)
     step = max(1, FLOW_BLOCK // max(1, n))
 
     def block(lo: int) -> np.ndarray:
@@ -258,9 +255,9 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
             expand_k.append(k)
             expand_at.append(at)
         k, at = np.concatenate(expand_k), np.concatenate(expand_at)
-        order = np.argsort(nearer[at], kind="stable")
+        order = np.argsort(wave[at], kind="stable")
         k, at = k[order], at[order]
-        bounds = np.flatnonzero(np.diff(nearer[at])) + 1
+        bounds = np.flatnonzero(np.diff(wave[at])) + 1
         for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(at)]):
             kk, parent = k[a:b], at[a:b]
             carried = f[kk, parent]
@@ -275,6 +272,24 @@ def mean_flow(ex: Explainer, run: Run, pyr: Pyramid) -> tuple[Pyramid, np.ndarra
     total = np.bincount(node, weights=rel, minlength=n)  # the head's share, every class
     total += np.bincount(dst, weights=carried_by[src] * share, minlength=n)
     return union, total / len(labels)
+
+
+def _waves(layer: np.ndarray, src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray:
+    """Per node, its longest path from a link-less node along the links ``src -> dst``,
+    as small unsigned keys (NumPy radix-sorts them): a node's parents all come in earlier
+    waves, and no link joins two nodes of one wave, so a flow can be passed on a wave at
+    a time (a few) instead of a parent layer at a time (up to hundreds). Found a parent
+    layer at a time, nearest the head first: a child's layer comes before its parent's.
+    """
+    wave = np.zeros(n, np.int64)
+    if len(src) == 0:
+        return wave.astype(np.uint8)
+    order = np.argsort(-layer[src], kind="stable")
+    src, dst = src[order], dst[order]
+    bounds = np.flatnonzero(np.diff(layer[src])) + 1
+    for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(src)]):
+        np.maximum.at(wave, dst[a:b], wave[src[a:b]] + 1)
+    return wave.astype(np.min_scalar_type(int(wave.max())))
 
 
 def class_tube(

@@ -229,3 +229,30 @@ def test_kept_head_selections_give_the_pyramids_of_a_fresh_explainer(exported, h
     assert len(kept) == (2 if head_mode == "weights" else 0)
     for arrays in kept:
         assert all(not a.flags.writeable for a in arrays)
+
+
+def _longest_paths(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Slow reference: each node's longest path from a node no link enters."""
+    depth = [0] * n
+    changed = True
+    while changed:
+        changed = False
+        for s, d in zip(src.tolist(), dst.tolist()):
+            if depth[d] < depth[s] + 1:
+                depth[d], changed = depth[s] + 1, True
+    return np.array(depth)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_waves_are_longest_paths_and_no_link_joins_one_wave(seed):
+    rng = np.random.default_rng(seed)
+    n = 60
+    layer = np.sort(rng.integers(0, 8, n))[::-1].copy()  # links run to lower layers
+    pairs = [(s, d) for s in range(n) for d in range(n) if layer[d] < layer[s]]
+    pick = rng.choice(len(pairs), size=120, replace=False)
+    src, dst = (np.array(c) for c in zip(*[pairs[i] for i in pick]))
+    wave = classtube._waves(layer, src, dst, n)
+    assert np.array_equal(wave, _longest_paths(n, src, dst))
+    assert (wave[src] < wave[dst]).all()
+    assert wave.dtype == np.uint8
+    assert not classtube._waves(layer, src[:0], dst[:0], n).any()
