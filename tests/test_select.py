@@ -1,6 +1,7 @@
 """Channel selection (SPEC §3, §4): the partition-based top-n equals a stable sort's, a
 step's kept pairs scored a block of rows at a time equal the whole matrix's, and a top-n
-step selected on raw products (`top_pairs`) equals the one selected on normalised r'."""
+step selected on raw products (`top_pairs`) equals the one selected on normalised r', and
+a row's k-th largest found a run at a time (`kth_largest`) equals the sorted row's."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cfp_onnx.relevance import (
     best_and_pairs,
     column_best,
     kept_pairs,
+    kth_largest,
     scores,
     select,
     top_pairs,
@@ -129,7 +131,19 @@ def test_a_rounding_tie_is_settled_by_the_lower_index() -> None:
         assert np.array_equal(score, r[0, 1 : top_n + 1])
 
 
-@pytest.mark.parametrize("kind", ["distinct", "raw ties", "rounding ties", "flat"])
+def float32_tie_rows(rng: np.random.Generator, c_out: int, per_group: int) -> np.ndarray:
+    """Every other row holds a cluster of distinct doubles (distinct once normalised too)
+    that round to one float32, where the top-n cut falls; the others are plain."""
+    out = rng.normal(size=(c_out, per_group))
+    cluster = 0.9 + 1e-12 * np.arange(per_group // 2 + 2)
+    assert len(np.unique(cluster.astype(np.float32))) == 1  # the premise
+    for i in range(0, c_out, 2):
+        row = np.concatenate([rng.random(per_group - len(cluster)) * 0.5, cluster])
+        out[i] = rng.permutation(row)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["distinct", "raw ties", "rounding ties", "float32 ties", "flat"])
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_top_pairs_equal_the_sorted_selection_of_normalised_scores(kind, group, dtype) -> None:
@@ -141,15 +155,52 @@ def test_top_pairs_equal_the_sorted_selection_of_normalised_scores(kind, group, 
         kbar = rng.integers(-2, 3, size=(c_out, per_group)).astype(float)
     elif kind == "rounding ties":
         kbar = np.stack([rng.permutation(rounding_tie_row()[:per_group]) for _ in range(c_out)])
+    elif kind == "float32 ties":
+        kbar = float32_tie_rows(rng, c_out, per_group)
     else:
         kbar = np.full((c_out, per_group), 0.25)
     kbar = kbar.astype(dtype)
-    a = rng.random(per_group * group) if kind != "rounding ties" else np.ones(per_group * group)
+    ones = kind in ("rounding ties", "float32 ties")
+    a = rng.random(per_group * group) if not ones else np.ones(per_group * group)
     a[:2] = 0.0  # inputs no kernel can prefer
     js = np.sort(rng.choice(c_out, size=30, replace=False))
     for theta in (0.0, 0.3, 0.6, 1.0):
         for top_n in (1, 2, 5, per_group - 1):
             want = sorted_pairs(kbar, group, js, a, theta, top_n)
             got = top_pairs(np, kbar, group, js, a, theta, top_n)
+            for w, g in zip(want, got, strict=True):
+                assert w.dtype == g.dtype and np.array_equal(w, g), (theta, top_n)
+
+
+@pytest.mark.parametrize("n", [15, 512, 513, 1024, 1100, 2048])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kth_largest_equals_the_sorted_rows(n, dtype) -> None:
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(9, n)).astype(dtype)
+    x[3] = rng.integers(-2, 3, size=n)  # repeats at every cut
+    x[4] = 0.5
+    x[5, : n // 2] = -np.inf
+    x[6] = -np.abs(x[6])  # a padding that is not -inf would top it
+    for k in [k for k in (1, 2, 6, 33, 200) if k <= n]:
+        want = np.sort(x, axis=1)[:, n - k]
+        got = kth_largest(np, x, k)
+        assert got.dtype == x.dtype and np.array_equal(got, want), k
+
+
+@pytest.mark.parametrize("kind", ["distinct", "float32 ties"])
+def test_top_pairs_on_rows_longer_than_one_selection_run(kind) -> None:
+    """Rows of 1,100 inputs are selected three runs at a time (`SELECT_RUN`)."""
+    rng = np.random.default_rng(7)
+    c_out, per_group = 24, 1100
+    kbar = rng.normal(size=(c_out, per_group))
+    if kind == "float32 ties":
+        kbar = float32_tie_rows(rng, c_out, per_group)
+        kbar[1::2] = float32_tie_rows(rng, c_out, 15)[1::2].repeat(80, axis=1)[:, :per_group]
+    a = np.ones(per_group) if kind == "float32 ties" else rng.random(per_group)
+    js = np.arange(3, 21)
+    for theta in (0.0, 0.6):
+        for top_n in (1, 5, 40):
+            want = sorted_pairs(kbar, 1, js, a, theta, top_n)
+            got = top_pairs(np, kbar, 1, js, a, theta, top_n)
             for w, g in zip(want, got, strict=True):
                 assert w.dtype == g.dtype and np.array_equal(w, g), (theta, top_n)
