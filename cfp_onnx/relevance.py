@@ -356,9 +356,11 @@ def kth_largest(xp: ModuleType, x: Array, k: int) -> Array:
     runs = -(-n // max(1, SELECT_BYTES // x.dtype.itemsize))
     if runs > 1 and k * runs * 4 <= n:
         width = -(-n // runs)
-        padded = xp.full((len(x), runs * width), -xp.inf, dtype=x.dtype)
-        padded[:, :n] = x
-        tops = xp.partition(padded.reshape(len(x), runs, width), width - k, axis=2)
+        if runs * width != n:
+            padded = xp.full((len(x), runs * width), -xp.inf, dtype=x.dtype)
+            padded[:, :n] = x
+            x = padded
+        tops = xp.partition(x.reshape(len(x), runs, width), width - k, axis=2)
         x, n = tops[:, :, width - k :].reshape(len(x), runs * k), runs * k
     return xp.partition(x, n - k, axis=1)[:, n - k]
 
