@@ -284,9 +284,12 @@ def _waves(layer: np.ndarray, src: np.ndarray, dst: np.ndarray, n: int) -> np.nd
     wave = np.zeros(n, np.int64)
     if len(src) == 0:
         return wave.astype(np.uint8)
-    order = np.argsort(-layer[src], kind="stable")
-    src, dst = src[order], dst[order]
-    bounds = np.flatnonzero(np.diff(layer[src])) + 1
+    parent = layer[src]
+    top = int(parent.max())
+    key = (top - parent).astype(np.min_scalar_type(top))  # nearest the head first, radix
+    order = np.argsort(key, kind="stable")
+    src, dst, key = src[order], dst[order], key[order]
+    bounds = np.flatnonzero(np.diff(key)) + 1
     for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(src)]):
         np.maximum.at(wave, dst[a:b], wave[src[a:b]] + 1)
     return wave.astype(np.min_scalar_type(int(wave.max())))
