@@ -558,7 +558,7 @@ def build(
     head_rel = xp.full(n_kernels, -xp.inf)
     _scatter_max(xp, head_rel, kid, rel)
     incoming = xp.full(n_kernels, -xp.inf)
-    frontier = xp.unique(kid)
+    frontier = _distinct(xp, kid, n_kernels)
     depth_of[frontier] = 0
     blocks: list[LinkBlock] = []
     for d in range(depth - 1):
@@ -646,6 +646,15 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cfp")
 
 
+def _distinct(xp: ModuleType, ids: Array, size: int) -> Array:
+    """``xp.unique(ids)`` of ids in ``[0, size)``, through a mask over them: a level's
+    children are tens of thousands of ids, often repeated, of a kernel space of ~10^5,
+    where NumPy's hashing unique is 40x slower (ResNeXt-101-3D: 2.8 against 0.07 ms)."""
+    mark = xp.zeros(size, dtype=bool)
+    mark[ids] = True
+    return xp.flatnonzero(mark)
+
+
 def _scatter_max(xp: ModuleType, target: Array, index: Array, values: Array) -> None:
     """``target[index] = max(target[index], values)`` with repeated indices (no ufunc.at on CuPy)."""
     if len(index) == 0:
@@ -689,7 +698,8 @@ def _level(
         best, count, pairs = best_and_pairs(*args, top_n, count_links)
         return kids, lambda: pairs, step, best, count
 
-    tasks = [(la, frontier[layer_of == la]) for la in to_numpy(xp.unique(layer_of)).tolist()]
+    layers = to_numpy(_distinct(xp, layer_of, len(offsets))).tolist()
+    tasks = [(la, frontier[layer_of == la]) for la in layers]
     for layer, _ in tasks:  # read weights here, one layer at a time, not in the workers
         inp.steps(layer)
     if xp is np and len(tasks) > 1:
@@ -709,4 +719,6 @@ def _level(
             _scatter_max(xp, incoming, child, best[chans][entry])
         reached.append(child)
         blocks.append(LinkBlock(xp, kids, redo, step.indptr, step.kernels, step.injective, links))
-    return xp.unique(xp.concatenate(reached)) if reached else xp.zeros(0, dtype=xp.int64)
+    if not reached:
+        return xp.zeros(0, dtype=xp.int64)
+    return _distinct(xp, xp.concatenate(reached), len(incoming))

@@ -169,7 +169,7 @@ def test_from_ortvalue_without_dlpack_wraps_the_pointer(monkeypatch: pytest.Monk
 # --------------------------------------------------------------------------- array-module switch
 
 CUPY_API = frozenset(
-    "asarray where argsort empty_like put_along_axis arange concatenate nonzero flatnonzero "
+    "asarray where argsort empty empty_like put_along_axis arange concatenate nonzero flatnonzero "
     "full zeros ones stack maximum minimum searchsorted cumsum lexsort unique float64 float32 "
     "int64 int32 inf float16 take multiply partition diff bincount sort".split()
 )

@@ -78,6 +78,32 @@ def test_kept_pairs_by_blocks_equal_the_whole_score_matrix(
         assert w.dtype == g.dtype and np.array_equal(w, g)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])  # a 1x1x1 layer's weights, tap means
+@pytest.mark.parametrize("count", [False, True])
+@pytest.mark.parametrize("flat", [False, True])
+def test_column_best_by_blocks_in_one_buffer_equals_the_dense_step(dtype, count, flat) -> None:
+    """An ungrouped step without top_n, scored a block of rows at a time into one reused
+    buffer (3 blocks of 128 rows, the last one short), gives the dense step's column maxima
+    and counts, bit for bit; with `flat`, a row of zero weights in a later block, whose
+    r' are all 1 (SPEC §3), written into the reused buffer."""
+    rng = np.random.default_rng(7)
+    per_group = relevance.BLOCK // 128
+    kbar = rng.normal(size=(400, per_group)).astype(dtype)
+    js = np.sort(rng.choice(400, size=300, replace=False))
+    if flat:
+        kbar[js[200]] = 0.0
+    a = rng.random(per_group)
+    want = back_step(np, kbar, 1, js, a, 0.9, None).column_max(np, per_group, count)
+    got = column_best(np, kbar, 1, js, a, 0.9, None, count)
+    assert len(js) > 2 * 128 and len(js) % 128
+    assert np.array_equal(got[0], want[0]) and got[0].dtype == np.float64
+    assert (got[1] is None) == (not count) and (not count or np.array_equal(got[1], want[1]))
+    if flat:
+        assert (got[0] == 1.0).all()
+    else:
+        assert np.isinf(got[0]).any() and np.isfinite(got[0]).any() and (got[0] < 1).any()
+
+
 @pytest.mark.parametrize(
     ("group", "per_group", "theta"), [(1, 300, 0.0), (1, 300, 0.6), (4, 16, 0.0), (64, 1, 0.6)]
 )
