@@ -184,15 +184,14 @@ def back_step(
     return Step(js, q, scores(xp, kbar, group, js, a), theta, top_n)
 
 
-BLOCK = 1 << 16
-"""Score entries per block in `column_best` and `kept_pairs`: a block's arithmetic stays in
-cache."""
-
-TOP_BLOCK = 1 << 18
-"""Score entries per block of a top-n step (`top_pairs`): its selection is cheap enough
-per entry that a smaller block pays in per-call overhead (union pyramid of 400 classes,
-in process: ResNet-50-3D 18.5 -> 14.6 ms, ResNeXt-101-3D 31.9 -> 24.1 ms against 1 << 16;
-1 << 20 is slower again)."""
+BLOCK = 1 << 18
+"""Score entries per block of rows (`column_best`, `kept_pairs`): 2 MB of float64 a block.
+A layer's steps run two at a time on the pool (`pyramid._level`), and there smaller blocks
+pay more in per-call overhead and hand-offs of the GIL than they win in cache: explain's
+pyramid right after a forward, medians of 25, 1 << 16 -> 1 << 18: ResNeXt-101-3D
+34.8 -> 27.8 ms, ResNet-152-3D 34.0 -> 28.1, ResNet-50-3D 11.4 -> 10.8, MFNet 5.4 -> 4.9;
+the top-n selection measured the same (union pyramid of 400 classes, in process:
+ResNet-50-3D 18.5 -> 14.6 ms, ResNeXt-101-3D 31.9 -> 24.1); 1 << 20 is no faster."""
 
 
 def column_best(
@@ -274,7 +273,7 @@ def kept_pairs(
     blocks of rows give the same pairs, element by element, holding one block at a time.
     """
     fast = top_n is not None and top_n < kbar.shape[1]
-    step = max(1, (TOP_BLOCK if fast else BLOCK) // kbar.shape[1])
+    step = max(1, BLOCK // kbar.shape[1])
     parts = []
     for start in range(0, len(js), step):
         rows = js[start : start + step]

@@ -65,7 +65,7 @@ def test_top_n_keeps_the_largest_and_breaks_ties_by_lower_index(top_n, theta, ti
 def test_kept_pairs_by_blocks_equal_the_whole_score_matrix(
     group: int, c_out: int, per_group: int, rows: int, top_n: int | None, monkeypatch
 ) -> None:
-    monkeypatch.setattr(relevance, "TOP_BLOCK", relevance.BLOCK)  # top-n steps by blocks too
+    monkeypatch.setattr(relevance, "BLOCK", 1 << 16)  # the geometry the cases name
     rng = np.random.default_rng(group * 1000 + rows)
     kbar = rng.normal(size=(c_out, per_group))
     kbar[3] = 0.5  # a constant row normalises to ones (SPEC §3)
