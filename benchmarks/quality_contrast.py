@@ -42,10 +42,10 @@ def class_tubes(
         if kind in LAMS:
             cache[kind] = list(own - LAMS[kind] * own.mean(axis=0))
         else:  # the three other labels with the highest logits
-            logit = run.logits[[p.label for p in pyrs]]
+            likeliest = np.argsort(-run.logits[[p.label for p in pyrs]], kind="stable").tolist()
             out = []
             for i in range(len(pyrs)):
-                rest = [j for j in np.argsort(-logit, kind="stable").tolist() if j != i][:3]
+                rest = [j for j in likeliest if j != i][:3]
                 out.append(own[i] - own[rest].mean(axis=0))
             cache[kind] = out
     return cache[kind]
