@@ -495,7 +495,7 @@ class LinkBlock:
 class LayerStep:
     """What the back-step needs of one layer, on the backend."""
 
-    kbar: Array  # [C_out, C_in/g] float64
+    kbar: Array  # [C_out, C_in/g]: float64, or a 1x1x1 layer's stored weights (float32)
     group: int
     indptr: Array  # input provenance CSR
     kernels: Array
