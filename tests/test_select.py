@@ -234,3 +234,49 @@ def test_top_pairs_on_rows_longer_than_one_selection_run(kind) -> None:
             got = top_pairs(np, kbar, 1, js, a, theta, top_n)
             for w, g in zip(want, got, strict=True):
                 assert w.dtype == g.dtype and np.array_equal(w, g), (theta, top_n)
+
+
+@pytest.mark.parametrize(("group", "per_group"), [(1, 1024), (1, 384), (2, 512), (4, 100)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scores_with_row_buffers_equal_a_row_by_row_reference(group, per_group, dtype) -> None:
+    """`scores` runs its broadcast ops with a small ufunc buffer on long rows
+    (`row_buffers`); every r' equals SPEC §3 written out one kernel at a time, bit for bit,
+    and the thread's buffer size is back to what it was."""
+    rng = np.random.default_rng(per_group)
+    c_out = 8 * group
+    kbar = rng.normal(size=(c_out, per_group)).astype(dtype)
+    kbar[5] = 0.0  # its products all equal: every r' = 1
+    js = np.array([0, 1, 2, 5, 6, c_out - 1])
+    a = rng.random(per_group * group)
+    before = np.getbufsize()
+    got = scores(np, kbar, group, js, a)
+    assert np.getbufsize() == before
+    for row, j in enumerate(js):
+        q = j // (c_out // group)
+        r = kbar[j].astype(np.float64) * a[q * per_group : (q + 1) * per_group]
+        span = r.max() - r.min()
+        want = np.ones(per_group) if span == 0 else (r - r.min()) / span
+        assert np.array_equal(got[row], want), (j, np.abs(got[row] - want).max())
+    assert (got[3] == 1.0).all() and got.min() == 0.0
+
+
+def test_row_buffers_are_scoped_to_the_block_and_the_thread() -> None:
+    """The small buffer is set only inside the block, only on the calling thread, only for
+    NumPy rows long enough, and restored when the block raises."""
+    import threading
+
+    from cfp_onnx.relevance import ROW_BUFFER, ROW_BUFFER_FROM, row_buffers
+
+    default = np.getbufsize()
+    seen: list[int] = []
+    with row_buffers(np, ROW_BUFFER_FROM):
+        assert np.getbufsize() == ROW_BUFFER != default
+        other = threading.Thread(target=lambda: seen.append(np.getbufsize()))
+        other.start()
+        other.join()
+    assert seen == [default] and np.getbufsize() == default
+    with row_buffers(np, ROW_BUFFER_FROM - 1):
+        assert np.getbufsize() == default
+    with pytest.raises(ZeroDivisionError), row_buffers(np, 4096):
+        _ = 1 // 0
+    assert np.getbufsize() == default
