@@ -1,7 +1,8 @@
 """Channel selection (SPEC §3, §4): the partition-based top-n equals a stable sort's, a
 step's kept pairs scored a block of rows at a time equal the whole matrix's, and a top-n
 step selected on raw products (`top_pairs`) equals the one selected on normalised r', and
-a row's k-th largest found a run at a time (`kth_largest`) equals the sorted row's."""
+a row's k-th largest found a run at a time (`kth_largest`) equals the sorted row's, and the
+entries at or above it found from group maxima (`top_candidates`) equal a direct scan's."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from cfp_onnx.relevance import (
     column_best,
     kept_pairs,
     kth_largest,
+    nonzero_2d,
     scores,
     select,
+    top_candidates,
     top_pairs,
 )
 
@@ -213,6 +216,36 @@ def test_kth_largest_equals_the_sorted_rows(n, dtype) -> None:
         want = np.sort(x, axis=1)[:, n - k]
         got = kth_largest(np, x, k)
         assert got.dtype == x.dtype and np.array_equal(got, want), k
+
+
+@pytest.mark.parametrize("n", [3, 127, 128, 200, 512, 832, 1024, 2048])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_candidates_equal_a_direct_scan(n, dtype) -> None:
+    """Every entry at or above its row's k-th largest (the sorted row's), in row-major
+    order, on rows that fold into groups and rows that do not, with ties at the cut,
+    flat rows, infinities and rows whose large values share one group."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(14, n)).astype(dtype)
+    x[1] = rng.integers(-2, 3, size=n)  # repeats at every cut: too many candidates
+    x[2] = 0.5  # flat
+    x[3, : n // 2] = -np.inf
+    x[4] = -np.inf
+    x[5, ::7] = np.inf
+    x[6] = -np.abs(x[6])  # a padding that is not -inf would top it
+    x[7] = np.linspace(0, 1, n)  # the largest all in the last group
+    x[8, -1] = x[8].max() + 1  # one outlier: its group's maximum
+    x[9] = rng.exponential(size=n) ** 4  # heavy-tailed, like pooled activations
+    x[10, n // 3 :: max(1, n // 9)] = 3.0  # ties at the top, spread over groups
+    x[11] = np.round(x[11], 1)  # a few tied values everywhere
+    for k in [k for k in (1, 2, 6, 16, 33) if k <= n]:
+        kth = np.sort(x, axis=1)[:, n - k]
+        want = np.nonzero(x >= kth[:, None])
+        got = top_candidates(np, x, k)
+        assert all(g.dtype == np.int64 for g in got)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), k
+    empty = top_candidates(np, x[:0], 2)
+    assert all(len(e) == 0 for e in empty)
+    assert np.array_equal(empty[0], nonzero_2d(np, x[:0] > 0)[0])
 
 
 @pytest.mark.parametrize("kind", ["distinct", "float32 ties"])
